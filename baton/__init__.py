@@ -1,0 +1,1 @@
+"""Baton: departments hand requests to each other as events over NATS JetStream."""

@@ -1,0 +1,312 @@
+"""Create or update every JetStream stream and durable consumer Baton uses; the only place that does.
+
+A thin mapping from the plain-data specifications in :mod:`libs.contracts.subjects`
+to nats-py ``StreamConfig`` / ``ConsumerConfig``. Idempotent: each object is read
+first, then created when missing, updated when it differs from its spec, and
+otherwise left alone; the report says which. Services attach with ``declare=False``.
+
+Server behaviour this module relies on (nats-server 2.15):
+
+- with a ``backoff`` list the server replaces ``ack_wait`` by ``backoff[0]``; we send
+  exactly that so that the stored config equals the one we ask for;
+- ``len(backoff) <= max_deliver`` (when ``max_deliver`` is positive), else error 10116;
+- ``deliver_policy`` and ``storage`` cannot be changed on an existing object: such a drift is
+  reported as a :class:`ProvisionError` naming the object, never silently ignored.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any, Literal
+
+import nats
+from nats.aio.client import Client as NATS
+from nats.js.api import (
+    AckPolicy,
+    ConsumerConfig,
+    DeliverPolicy,
+    DiscardPolicy,
+    RetentionPolicy,
+    StorageType,
+    StreamConfig,
+)
+from nats.js.errors import APIError, NotFoundError
+from nats.js.manager import JetStreamManager
+
+from libs.contracts.catalog import Catalog
+from libs.contracts.subjects import SERVICE_CONSUMERS, STREAMS, ConsumerSpec, StreamSpec, department_consumer_spec
+
+#: JetStream error code of "stream name already in use with a different configuration".
+ERR_STREAM_NAME_IN_USE = 10058
+
+STREAM_FIELDS = (
+    "description",
+    "subjects",
+    "retention",
+    "discard",
+    "storage",
+    "max_age",
+    "duplicate_window",
+    "max_msg_size",
+    "num_replicas",
+    "deny_delete",
+)
+CONSUMER_FIELDS = (
+    "description",
+    "deliver_policy",
+    "ack_policy",
+    "filter_subject",
+    "filter_subjects",
+    "max_deliver",
+    "ack_wait",
+    "max_ack_pending",
+    "backoff",
+)
+
+
+class ProvisionError(RuntimeError):
+    """A spec is invalid, or the server refused to create or update an object."""
+
+
+class Action(StrEnum):
+    CREATED = "created"
+    UPDATED = "updated"
+    UNCHANGED = "unchanged"
+
+
+@dataclass(frozen=True)
+class Item:
+    """What provisioning did (or, in a dry run, would do) to one object."""
+
+    kind: Literal["stream", "consumer"]
+    name: str  # "BATON_IN" or "BATON_IN/intake"
+    action: Action
+    changed: tuple[str, ...] = ()  # the fields that differed, for UPDATED
+
+    def __str__(self) -> str:
+        extra = f" ({', '.join(self.changed)})" if self.changed else ""
+        return f"{self.kind} {self.name}: {self.action}{extra}"
+
+
+@dataclass
+class ProvisionReport:
+    items: list[Item] = field(default_factory=list)
+    #: Consumers found on Baton's streams that no spec names (e.g. a department removed from the catalog).
+    #: Reported, never deleted.
+    unknown_consumers: list[str] = field(default_factory=list)
+    dry_run: bool = False
+
+    def _named(self, action: Action) -> list[str]:
+        return [f"{i.kind} {i.name}" for i in self.items if i.action is action]
+
+    @property
+    def created(self) -> list[str]:
+        return self._named(Action.CREATED)
+
+    @property
+    def updated(self) -> list[str]:
+        return self._named(Action.UPDATED)
+
+    @property
+    def unchanged(self) -> list[str]:
+        return self._named(Action.UNCHANGED)
+
+    @property
+    def changed(self) -> bool:
+        return any(i.action is not Action.UNCHANGED for i in self.items)
+
+    def __str__(self) -> str:
+        lines = [str(i) for i in self.items]
+        lines += [f"consumer {name}: not in any spec (left alone)" for name in self.unknown_consumers]
+        counts = f"{len(self.created)} created, {len(self.updated)} updated, {len(self.unchanged)} unchanged"
+        return "\n".join([*lines, counts + (" (dry run: nothing applied)" if self.dry_run else "")])
+
+
+# --- spec -> nats-py config ---------------------------------------------------------
+def stream_config(spec: StreamSpec, *, num_replicas: int = 1) -> StreamConfig:
+    return StreamConfig(
+        name=spec.name,
+        description=spec.description,
+        subjects=list(spec.subjects),
+        retention=RetentionPolicy.LIMITS,
+        discard=DiscardPolicy.OLD,
+        storage=StorageType.FILE,
+        max_age=spec.max_age_seconds,  # 0 = keep forever
+        duplicate_window=spec.duplicate_window_seconds,
+        max_msg_size=spec.max_msg_size,
+        num_replicas=num_replicas,
+        deny_delete=spec.deny_delete,
+    )
+
+
+def check_consumer_spec(spec: ConsumerSpec) -> None:
+    """Refuse what the server would refuse, with the consumer's name in the message."""
+    where = f"consumer {spec.stream}/{spec.durable}"
+    if spec.max_deliver == 0 or spec.max_deliver < -1:
+        raise ProvisionError(f"{where}: max_deliver must be positive or -1 (unlimited), not {spec.max_deliver}")
+    if spec.max_deliver > 0 and len(spec.backoff_seconds) > spec.max_deliver:
+        raise ProvisionError(
+            f"{where}: {len(spec.backoff_seconds)} backoff values but max_deliver={spec.max_deliver}; "
+            "JetStream requires len(backoff) <= max_deliver"
+        )
+    if any(b <= 0 for b in spec.backoff_seconds):
+        raise ProvisionError(f"{where}: backoff values must be positive seconds, got {spec.backoff_seconds}")
+
+
+def consumer_config(spec: ConsumerSpec) -> ConsumerConfig:
+    check_consumer_spec(spec)
+    backoff = list(spec.backoff_seconds)
+    filters = list(spec.filter_subjects)
+    return ConsumerConfig(
+        name=spec.durable,
+        durable_name=spec.durable,
+        description=spec.description,
+        deliver_policy=DeliverPolicy.ALL,
+        ack_policy=AckPolicy.EXPLICIT,
+        filter_subject=filters[0] if len(filters) == 1 else None,
+        filter_subjects=filters if len(filters) > 1 else None,
+        max_deliver=spec.max_deliver,
+        # With a backoff list the server stores ack_wait = backoff[0] (ack_wait_seconds is ignored).
+        ack_wait=backoff[0] if backoff else spec.ack_wait_seconds,
+        max_ack_pending=spec.max_ack_pending,
+        backoff=backoff or None,
+    )
+
+
+def consumer_specs(catalog: Catalog | None = None) -> tuple[ConsumerSpec, ...]:
+    """The service consumers, then one notification consumer per catalog department."""
+    departments = catalog.slugs if catalog else []
+    return SERVICE_CONSUMERS + tuple(department_consumer_spec(slug) for slug in departments)
+
+
+# --- comparison -----------------------------------------------------------------------
+def _normal(value: Any) -> Any:
+    if isinstance(value, StrEnum | str):
+        return str(value.value if hasattr(value, "value") else value)
+    if value is None or value == []:
+        return None
+    if isinstance(value, list | tuple):
+        return [_normal(v) for v in value]
+    return value
+
+
+def _same(desired: Any, actual: Any) -> bool:
+    a, b = _normal(desired), _normal(actual)
+    if isinstance(a, float | int) and isinstance(b, float | int) and not isinstance(a, bool):
+        return math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-6)
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        return all(_same(x, y) for x, y in zip(a, b, strict=True))
+    return bool(a == b)
+
+
+def diff(desired: StreamConfig | ConsumerConfig, actual: StreamConfig | ConsumerConfig, fields: Sequence[str]) -> tuple[str, ...]:
+    """The fields whose desired value differs from the server's (``description: None`` = don't care)."""
+    return tuple(
+        name
+        for name in fields
+        if not (name == "description" and getattr(desired, name) is None)
+        and not _same(getattr(desired, name), getattr(actual, name))
+    )
+
+
+def _refused(what: str, verb: str, exc: APIError) -> ProvisionError:
+    return ProvisionError(
+        f"{what}: the server refused to {verb} it: {exc.description} (code {exc.code}, err_code {exc.err_code})"
+    )
+
+
+# --- the work -----------------------------------------------------------------------------
+async def ensure_stream(jsm: JetStreamManager, config: StreamConfig, *, dry_run: bool = False) -> Item:
+    name = str(config.name)
+    what = f"stream {name}"
+    try:
+        current = (await jsm.stream_info(name)).config
+    except NotFoundError:
+        if dry_run:
+            return Item("stream", name, Action.CREATED)
+        try:
+            await jsm.add_stream(config)
+            return Item("stream", name, Action.CREATED)
+        except APIError as exc:
+            if exc.err_code != ERR_STREAM_NAME_IN_USE:  # else: created concurrently, fall through to update
+                raise _refused(what, "create", exc) from exc
+            current = (await jsm.stream_info(name)).config
+    changed = diff(config, current, STREAM_FIELDS)
+    if not changed:
+        return Item("stream", name, Action.UNCHANGED)
+    if not dry_run:
+        try:
+            await jsm.update_stream(config)
+        except APIError as exc:
+            raise _refused(f"{what} ({', '.join(changed)} changed)", "update", exc) from exc
+    return Item("stream", name, Action.UPDATED, changed)
+
+
+async def ensure_consumer(jsm: JetStreamManager, stream: str, config: ConsumerConfig, *, dry_run: bool = False) -> Item:
+    durable = str(config.durable_name)
+    name = f"{stream}/{durable}"
+    try:
+        current: ConsumerConfig | None = (await jsm.consumer_info(stream, durable)).config
+    except NotFoundError:
+        current = None
+    changed = () if current is None else diff(config, current, CONSUMER_FIELDS)
+    if current is not None and not changed:
+        return Item("consumer", name, Action.UNCHANGED)
+    if not dry_run:
+        # The modern CONSUMER.CREATE API without an "action" creates or updates.
+        try:
+            await jsm.add_consumer(stream, config)
+        except APIError as exc:
+            verb = "create" if current is None else f"update ({', '.join(changed)} changed)"
+            raise _refused(f"consumer {name}", verb, exc) from exc
+    return Item("consumer", name, Action.CREATED if current is None else Action.UPDATED, changed)
+
+
+async def _unknown_consumers(jsm: JetStreamManager, specs: Iterable[ConsumerSpec]) -> list[str]:
+    known = {(s.stream, s.durable) for s in specs}
+    found: list[str] = []
+    for stream in STREAMS:
+        try:
+            infos = await jsm.consumers_info(stream.name)
+        except NotFoundError:
+            continue
+        found += [f"{stream.name}/{i.name}" for i in infos if (stream.name, i.name) not in known]
+    return sorted(found)
+
+
+async def provision(
+    nc_or_url: NATS | str,
+    catalog: Catalog | None = None,
+    *,
+    num_replicas: int = 1,
+    dry_run: bool = False,
+    timeout: float = 5.0,
+) -> ProvisionReport:
+    """Create or update every stream in ``STREAMS`` and every consumer in ``SERVICE_CONSUMERS``,
+    plus one notification consumer per catalog department. Running it twice changes nothing.
+
+    ``nc_or_url``: a connected client (left open) or a server URL (connected and closed here).
+    ``dry_run``: compute the report without changing anything.
+    """
+    specs = consumer_specs(catalog)
+    configs = [(spec.stream, consumer_config(spec)) for spec in specs]  # validate every spec before any change
+    own = isinstance(nc_or_url, str)
+    nc = await nats.connect(nc_or_url, name="baton-provision", connect_timeout=timeout) if own else nc_or_url
+    assert isinstance(nc, NATS)
+    try:
+        jsm = nc.jsm(timeout=timeout)
+        report = ProvisionReport(dry_run=dry_run)
+        for stream_spec in STREAMS:
+            report.items.append(
+                await ensure_stream(jsm, stream_config(stream_spec, num_replicas=num_replicas), dry_run=dry_run)
+            )
+        for stream, config in configs:
+            report.items.append(await ensure_consumer(jsm, stream, config, dry_run=dry_run))
+        report.unknown_consumers = await _unknown_consumers(jsm, specs)
+        return report
+    finally:
+        if own:
+            await nc.close()

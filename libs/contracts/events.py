@@ -1,0 +1,151 @@
+"""Lifecycle events, contract v1.
+
+Owning producers (exactly one per type):
+
+- ``created``, ``accepted``, ``delayed``, ``resolved``: line-of-business systems, via intake;
+- ``routed``: the routing service, via intake (``baton.svc.routing.routed``).
+
+Intake validates every event, stamps ``sequence``/``recorded_at``/``trace_id``
+and appends it to the canonical log.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Annotated, Literal
+
+from pydantic import Field, StringConstraints, TypeAdapter, model_validator
+
+from .envelope import Actor, Envelope, EventId, NonBlank, Slug, Timestamp
+
+
+class Priority(StrEnum):
+    LOW = "low"
+    NORMAL = "normal"
+    HIGH = "high"
+    URGENT = "urgent"
+
+
+class DelayReasonCode(StrEnum):
+    WAITING_ON_REQUESTER = "waiting_on_requester"
+    WAITING_ON_VENDOR = "waiting_on_vendor"
+    WAITING_ON_DEPARTMENT = "waiting_on_department"
+    CAPACITY = "capacity"
+    OTHER = "other"
+
+
+class Outcome(StrEnum):
+    DONE = "done"
+    DECLINED = "declined"
+    DUPLICATE = "duplicate"
+    WONT_FIX = "wont_fix"
+
+
+Category = Annotated[
+    str,
+    StringConstraints(pattern=r"^[a-z][a-z0-9_-]{0,63}$"),
+    Field(description="Request category, e.g. hardware, invoice, contract-review."),
+]
+AttributeKey = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
+AttributeValue = Annotated[str, StringConstraints(max_length=1024)]
+
+MAX_WATCHERS = 20
+MAX_ATTRIBUTES = 32
+
+
+class Created(Envelope):
+    """A department raises a request. Published by the requesting department."""
+
+    type: Literal["created"] = "created"
+    title: Annotated[str, StringConstraints(min_length=1, max_length=200)]
+    description: Annotated[str, StringConstraints(max_length=10_000)] = ""
+    category: Category
+    priority: Priority
+    requester: Actor
+    provider_department: Slug | None = Field(default=None, description="Explicit provider; else routing decides.")
+    due_by: Timestamp | None = None
+    watchers: list[Slug] = Field(default_factory=list, max_length=MAX_WATCHERS)
+    attributes: dict[AttributeKey, AttributeValue] = Field(default_factory=dict, max_length=MAX_ATTRIBUTES)
+
+    @model_validator(mode="after")
+    def _title_not_blank(self) -> Created:
+        if not self.title.strip():
+            raise ValueError("title must not be blank")
+        return self
+
+
+class Routed(Envelope):
+    """Routing assigned the request to a provider department. Emitted by the routing service."""
+
+    type: Literal["routed"] = "routed"
+    provider_department: Slug
+    previous_department: Slug | None = None
+    rule: Annotated[str, StringConstraints(min_length=1, max_length=100)] = Field(
+        description="Which routing rule fired, e.g. 'explicit-provider', 'category:hardware', 'fallback'."
+    )
+    reason: Annotated[str, StringConstraints(max_length=500)] = ""
+    caused_by: EventId = Field(description="event_id of the event that triggered this routing decision.")
+    accept_by: Timestamp | None = None
+    resolve_by: Timestamp | None = None
+
+
+class Accepted(Envelope):
+    """The holding department accepts the request and commits to an ETA."""
+
+    type: Literal["accepted"] = "accepted"
+    assignee: Annotated[str, StringConstraints(min_length=1, max_length=200)]
+    eta: Timestamp = Field(description="The completion time the provider commits to.")
+
+    @model_validator(mode="after")
+    def _eta_after_occurred(self) -> Accepted:
+        if self.eta <= self.occurred_at:
+            raise ValueError("eta must be later than occurred_at")
+        return self
+
+
+class Delayed(Envelope):
+    """The holding department moves its ETA, with a reason everyone concerned hears."""
+
+    type: Literal["delayed"] = "delayed"
+    reason: Annotated[NonBlank, StringConstraints(max_length=1000)]
+    new_eta: Timestamp
+    reason_code: DelayReasonCode | None = None
+    blocking_department: Slug | None = None
+
+    @model_validator(mode="after")
+    def _new_eta_after_occurred(self) -> Delayed:
+        if self.new_eta <= self.occurred_at:
+            raise ValueError("new_eta must be later than occurred_at")
+        return self
+
+
+class Resolved(Envelope):
+    """The holding department resolves the request."""
+
+    type: Literal["resolved"] = "resolved"
+    resolution: Annotated[NonBlank, StringConstraints(max_length=10_000)]
+    outcome: Outcome
+
+
+LifecycleEvent = Annotated[Created | Routed | Accepted | Delayed | Resolved, Field(discriminator="type")]
+
+#: Validates any lifecycle event from JSON bytes or a dict.
+EVENT_ADAPTER: TypeAdapter[LifecycleEvent] = TypeAdapter(LifecycleEvent)
+
+EVENT_MODELS: dict[str, type[Envelope]] = {
+    "created": Created,
+    "routed": Routed,
+    "accepted": Accepted,
+    "delayed": Delayed,
+    "resolved": Resolved,
+}
+
+#: Event types a line-of-business system may publish on ``baton.in.<dept>.<type>``.
+INBOUND_TYPES: frozenset[str] = frozenset({"created", "accepted", "delayed", "resolved"})
+#: Event types Baton's services emit (on ``baton.svc.<service>.<type>``), with their owner.
+SERVICE_TYPES: dict[str, str] = {"routed": "routing"}
+
+
+def parse_event(data: bytes | str) -> LifecycleEvent:
+    """Validate JSON into the matching event model (raises pydantic.ValidationError)."""
+    return EVENT_ADAPTER.validate_json(data)

@@ -1,0 +1,218 @@
+"""Every subject, stream and durable consumer name Baton uses, in one module.
+
+Builders validate every token they put into a subject: a subject is never built
+from unchecked input. Stream and consumer *specifications* live here as plain
+data; ``baton provision`` turns them into JetStream objects (the only place that
+creates streams or consumers). Services attach with ``declare=False``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .envelope import EVENT_TYPE_RE, ID_RE, SLUG_RE
+
+# --- streams -----------------------------------------------------------------
+STREAM_IN = "BATON_IN"
+STREAM_EVENTS = "BATON_EVENTS"
+STREAM_NOTIFY = "BATON_NOTIFY"
+STREAM_DLQ = "BATON_DLQ"
+
+# --- subject prefixes ----------------------------------------------------------
+INBOUND_PREFIX = "baton.in"  # baton.in.<dept>.<type>        (line-of-business systems)
+SERVICE_PREFIX = "baton.svc"  # baton.svc.<service>.<type>    (events Baton's services emit)
+EVENTS_PREFIX = "baton.events"  # baton.events.<request_id>.<type>  (canonical log, written by intake)
+NOTIFY_PREFIX = "baton.notify"  # baton.notify.<dept>.<type>
+DLQ_PREFIX = "baton.dlq"  # baton.dlq.<service>.<code>
+
+SERVICES = ("intake", "routing", "notifier", "metrics")
+
+# --- durable consumers ---------------------------------------------------------
+CONSUMER_INTAKE = "intake"  # on BATON_IN
+CONSUMER_ROUTING = "routing"  # on BATON_EVENTS
+CONSUMER_NOTIFIER = "notifier"  # on BATON_EVENTS
+CONSUMER_METRICS = "metrics"  # on BATON_EVENTS
+
+MINUTE = 60.0
+HOUR = 60 * MINUTE
+DAY = 24 * HOUR
+
+
+class SubjectError(ValueError):
+    """A token is not allowed in a subject."""
+
+
+def _check(kind: str, value: str, pattern_ok: bool) -> str:
+    if not pattern_ok:
+        raise SubjectError(f"{kind} {value!r} is not allowed in a subject")
+    return value
+
+
+def check_slug(dept: str) -> str:
+    return _check("department", dept, isinstance(dept, str) and SLUG_RE.fullmatch(dept) is not None)
+
+
+def check_event_type(event_type: str) -> str:
+    ok = isinstance(event_type, str) and EVENT_TYPE_RE.fullmatch(event_type) is not None
+    return _check("event type", event_type, ok)
+
+
+def check_request_id(request_id: str) -> str:
+    return _check("request id", request_id, isinstance(request_id, str) and ID_RE.fullmatch(request_id) is not None)
+
+
+def check_service(service: str) -> str:
+    return _check("service", service, service in SERVICES)
+
+
+def inbound_subject(dept: str, event_type: str) -> str:
+    return f"{INBOUND_PREFIX}.{check_slug(dept)}.{check_event_type(event_type)}"
+
+
+def service_subject(service: str, event_type: str) -> str:
+    return f"{SERVICE_PREFIX}.{check_service(service)}.{check_event_type(event_type)}"
+
+
+def event_subject(request_id: str, event_type: str) -> str:
+    return f"{EVENTS_PREFIX}.{check_request_id(request_id)}.{check_event_type(event_type)}"
+
+
+def request_events_filter(request_id: str) -> str:
+    """All canonical events of one request: ``baton.events.<request_id>.*``."""
+    return f"{EVENTS_PREFIX}.{check_request_id(request_id)}.*"
+
+
+def notify_subject(dept: str, event_type: str) -> str:
+    return f"{NOTIFY_PREFIX}.{check_slug(dept)}.{check_event_type(event_type)}"
+
+
+def notify_filter(dept: str) -> str:
+    return f"{NOTIFY_PREFIX}.{check_slug(dept)}.>"
+
+
+def dlq_subject(service: str, code: str) -> str:
+    return f"{DLQ_PREFIX}.{check_service(service)}.{check_event_type(code)}"
+
+
+def department_consumer(dept: str) -> str:
+    """Durable consumer name of a department's notification stream."""
+    return f"dept-{check_slug(dept)}"
+
+
+@dataclass(frozen=True)
+class ParsedInbound:
+    """A dissected inbound subject. ``department``/``event_type`` are None when the token is invalid."""
+
+    source: str  # "department" | "service" | "unknown"
+    department: str | None
+    service: str | None
+    event_type: str | None
+    problems: tuple[str, ...] = ()
+
+
+def parse_inbound_subject(subject: str) -> ParsedInbound:
+    """Split ``baton.in.<dept>.<type>`` or ``baton.svc.<service>.<type>``, checking every token."""
+    parts = subject.split(".")
+    if len(parts) == 4 and ".".join(parts[:2]) == INBOUND_PREFIX:
+        dept, event_type = parts[2], parts[3]
+        problems = []
+        dept_ok = SLUG_RE.fullmatch(dept) is not None
+        type_ok = EVENT_TYPE_RE.fullmatch(event_type) is not None
+        if not dept_ok:
+            problems.append(f"department {dept!r} in the subject is not a valid slug (^[a-z][a-z0-9-]{{1,31}}$)")
+        if not type_ok:
+            problems.append(f"event type {event_type!r} in the subject is not valid")
+        return ParsedInbound(
+            "department", dept if dept_ok else None, None, event_type if type_ok else None, tuple(problems)
+        )
+    if len(parts) == 4 and ".".join(parts[:2]) == SERVICE_PREFIX and parts[2] in SERVICES:
+        event_type = parts[3]
+        type_ok = EVENT_TYPE_RE.fullmatch(event_type) is not None
+        return ParsedInbound(
+            "service",
+            None,
+            parts[2],
+            event_type if type_ok else None,
+            () if type_ok else (f"event type {event_type!r} in the subject is not valid",),
+        )
+    prefix_ok = subject.startswith(INBOUND_PREFIX + ".")
+    maybe_dept = parts[2] if prefix_ok and len(parts) > 2 and SLUG_RE.fullmatch(parts[2]) else None
+    return ParsedInbound(
+        "unknown", maybe_dept, None, None, (f"subject {subject!r} is not of the form baton.in.<dept>.<type>",)
+    )
+
+
+# --- stream and consumer specifications -----------------------------------------
+@dataclass(frozen=True)
+class StreamSpec:
+    name: str
+    subjects: tuple[str, ...]
+    description: str
+    max_age_seconds: float  # 0 = keep forever
+    duplicate_window_seconds: float
+    max_msg_size: int = 1 << 20
+    deny_delete: bool = False
+
+
+@dataclass(frozen=True)
+class ConsumerSpec:
+    stream: str
+    durable: str
+    description: str
+    filter_subjects: tuple[str, ...] = ()
+    max_deliver: int = 10
+    ack_wait_seconds: float = 30.0
+    max_ack_pending: int = 1000
+    #: Redelivery delays after a nak/ack timeout (JetStream ``backoff``); length <= max_deliver.
+    backoff_seconds: tuple[float, ...] = field(default=(1.0, 2.0, 5.0, 10.0, 30.0))
+
+
+STREAMS: tuple[StreamSpec, ...] = (
+    StreamSpec(
+        STREAM_IN,
+        (f"{INBOUND_PREFIX}.>", f"{SERVICE_PREFIX}.>"),
+        "Inbound events from departments and from Baton's services, before intake validates them.",
+        max_age_seconds=7 * DAY,
+        duplicate_window_seconds=20 * MINUTE,
+    ),
+    StreamSpec(
+        STREAM_EVENTS,
+        (f"{EVENTS_PREFIX}.>",),
+        "The canonical event log: every accepted event, stamped with its per-request sequence.",
+        max_age_seconds=0,
+        duplicate_window_seconds=20 * MINUTE,
+        deny_delete=True,
+    ),
+    StreamSpec(
+        STREAM_NOTIFY,
+        (f"{NOTIFY_PREFIX}.>",),
+        "Per-department notification streams.",
+        max_age_seconds=30 * DAY,
+        duplicate_window_seconds=20 * MINUTE,
+    ),
+    StreamSpec(
+        STREAM_DLQ,
+        (f"{DLQ_PREFIX}.>",),
+        "Dead letters: refused or undeliverable messages, with the reason and the original payload.",
+        max_age_seconds=30 * DAY,
+        duplicate_window_seconds=20 * MINUTE,
+    ),
+)
+
+SERVICE_CONSUMERS: tuple[ConsumerSpec, ...] = (
+    ConsumerSpec(STREAM_IN, CONSUMER_INTAKE, "Intake validates inbound events and appends the canonical log."),
+    ConsumerSpec(STREAM_EVENTS, CONSUMER_ROUTING, "Routing decides the provider of new requests."),
+    ConsumerSpec(STREAM_EVENTS, CONSUMER_NOTIFIER, "Notifier fans events out to department streams."),
+    ConsumerSpec(STREAM_EVENTS, CONSUMER_METRICS, "Metrics projects timelines and KPIs."),
+)
+
+
+def department_consumer_spec(dept: str) -> ConsumerSpec:
+    return ConsumerSpec(
+        STREAM_NOTIFY,
+        department_consumer(dept),
+        f"Notification stream of department {dept}.",
+        filter_subjects=(notify_filter(dept),),
+        max_deliver=-1,
+        backoff_seconds=(),
+    )

@@ -1,0 +1,209 @@
+"""Intake's own database: request state, the events it appended, and every refusal.
+
+SQLAlchemy 2 (async). SQLite is the embedded default, PostgreSQL the production database.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import JSON, DateTime, Integer, String, Text, UniqueConstraint, event, select, update
+from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from .domain import RequestState, State
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class RequestRow(Base):
+    __tablename__ = "requests"
+
+    request_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    state: Mapped[str] = mapped_column(String(16))
+    requester_department: Mapped[str] = mapped_column(String(32), index=True)
+    holder_department: Mapped[str | None] = mapped_column(String(32), index=True)
+    last_sequence: Mapped[int] = mapped_column(Integer)
+    eta: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    delay_count: Mapped[int] = mapped_column(Integer, default=0)
+    title: Mapped[str] = mapped_column(String(200))
+    trace_id: Mapped[str | None] = mapped_column(String(32))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    def to_state(self) -> RequestState:
+        return RequestState(
+            request_id=self.request_id,
+            state=State(self.state),
+            requester_department=self.requester_department,
+            holder_department=self.holder_department,
+            last_sequence=self.last_sequence,
+            eta=_aware(self.eta),
+            delay_count=self.delay_count,
+            title=self.title,
+            trace_id=self.trace_id,
+        )
+
+
+class EventRow(Base):
+    """Every event intake appended, with the exact canonical bytes it published."""
+
+    __tablename__ = "events"
+    __table_args__ = (UniqueConstraint("request_id", "sequence", name="uq_events_request_sequence"),)
+
+    event_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    request_id: Mapped[str] = mapped_column(String(64), index=True)
+    sequence: Mapped[int] = mapped_column(Integer)
+    type: Mapped[str] = mapped_column(String(32))
+    payload_hash: Mapped[str] = mapped_column(String(64))
+    canonical: Mapped[str] = mapped_column(Text)
+    recorded_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class RejectionRow(Base):
+    """Every refusal, whatever its source; ``source_key`` makes recording it idempotent."""
+
+    __tablename__ = "rejections"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    source_key: Mapped[str] = mapped_column(String(128), unique=True)
+    department: Mapped[str | None] = mapped_column(String(32), index=True)
+    subject: Mapped[str] = mapped_column(String(256))
+    event_id: Mapped[str | None] = mapped_column(String(64))
+    request_id: Mapped[str | None] = mapped_column(String(64))
+    event_type: Mapped[str | None] = mapped_column(String(32))
+    code: Mapped[str] = mapped_column(String(32))
+    message: Mapped[str] = mapped_column(Text)
+    errors: Mapped[list[dict[str, Any]]] = mapped_column(JSON, default=list)
+    rejected_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+def _aware(value: datetime | None) -> datetime | None:
+    """SQLite returns naive datetimes; everything Baton stores is UTC."""
+    if value is not None and value.tzinfo is None:
+        return value.replace(tzinfo=UTC)
+    return value
+
+
+def make_engine(url: str) -> AsyncEngine:
+    """An engine for ``url``; for SQLite the parent folder is created and WAL mode enabled."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        if parsed.database and parsed.database != ":memory:":
+            Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_async_engine(url, connect_args={"timeout": 30})
+
+        @event.listens_for(engine.sync_engine, "connect")
+        def _pragmas(dbapi_conn: Any, _record: Any) -> None:
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA synchronous=NORMAL")
+            cur.execute("PRAGMA busy_timeout=30000")
+            cur.close()
+
+        return engine
+    return create_async_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5)
+
+
+async def create_schema(engine: AsyncEngine) -> None:
+    async with engine.begin() as conn:
+        await conn.run_sync(Base.metadata.create_all)
+
+
+class Database:
+    """The engine plus a session factory; one per service process."""
+
+    def __init__(self, url: str) -> None:
+        self.engine = make_engine(url)
+        self.sessions = async_sessionmaker(self.engine, expire_on_commit=False)
+        self.is_postgres = self.engine.dialect.name == "postgresql"
+
+    async def start(self) -> None:
+        await create_schema(self.engine)
+
+    async def close(self) -> None:
+        await self.engine.dispose()
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[AsyncSession]:
+        async with self.sessions() as session, session.begin():
+            yield session
+
+    async def ping(self) -> bool:
+        async with self.engine.connect() as conn:
+            await conn.exec_driver_sql("SELECT 1")
+        return True
+
+
+async def find_event(session: AsyncSession, event_id: str) -> EventRow | None:
+    return await session.get(EventRow, event_id)
+
+
+async def load_request(session: AsyncSession, request_id: str, *, for_update: bool) -> RequestRow | None:
+    stmt = select(RequestRow).where(RequestRow.request_id == request_id)
+    if for_update:
+        stmt = stmt.with_for_update()
+    return (await session.execute(stmt)).scalar_one_or_none()
+
+
+async def save_state(session: AsyncSession, row: RequestRow | None, new: RequestState, created_at: datetime) -> None:
+    """Insert or update the request row, guarded by the sequence it was read at (optimistic concurrency)."""
+    if row is None:
+        session.add(
+            RequestRow(
+                request_id=new.request_id,
+                state=new.state.value,
+                requester_department=new.requester_department,
+                holder_department=new.holder_department,
+                last_sequence=new.last_sequence,
+                eta=new.eta,
+                delay_count=new.delay_count,
+                title=new.title,
+                trace_id=new.trace_id,
+                created_at=created_at,
+                updated_at=created_at,
+            )
+        )
+        return
+    result = await session.execute(
+        update(RequestRow)
+        .where(RequestRow.request_id == new.request_id, RequestRow.last_sequence == row.last_sequence)
+        .values(
+            state=new.state.value,
+            holder_department=new.holder_department,
+            last_sequence=new.last_sequence,
+            eta=new.eta,
+            delay_count=new.delay_count,
+            updated_at=created_at,
+        )
+        .execution_options(synchronize_session=False)
+    )
+    if getattr(result, "rowcount", 1) != 1:
+        raise ConcurrentUpdate(new.request_id)
+
+
+class ConcurrentUpdate(RuntimeError):
+    """Another writer advanced the request first; the caller retries from a fresh read."""
+
+
+async def request_events(session: AsyncSession, request_id: str) -> list[EventRow]:
+    stmt = select(EventRow).where(EventRow.request_id == request_id).order_by(EventRow.sequence)
+    return list((await session.execute(stmt)).scalars())
+
+
+async def recent_rejections(session: AsyncSession, department: str | None, limit: int = 50) -> list[RejectionRow]:
+    stmt = select(RejectionRow).order_by(RejectionRow.id.desc()).limit(limit)
+    if department is not None:
+        stmt = stmt.where(RejectionRow.department == department)
+    return list((await session.execute(stmt)).scalars())

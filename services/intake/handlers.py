@@ -1,0 +1,335 @@
+"""Intake's message handling: inbound message in -> checks -> state machine -> canonical log.
+
+Delivery rules (see docs/architecture.md):
+
+* the inbound message is acked only after its effect is committed to the database
+  *and* the canonical event (or the refusal) is confirmed by a PubAck;
+* a crash between the commit and the PubAck is repaired by redelivery: the event_id
+  is found in the database and the stored canonical bytes are published again
+  (``Nats-Msg-Id`` = event_id, so the log never holds it twice);
+* an unexpected error naks the message with a delay; on its last allowed delivery it is
+  dead-lettered with the reason instead of being dropped.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Protocol, cast
+
+from faststream.middlewares import AckPolicy
+from faststream.nats import JStream, NatsMessage, NatsRouter, PullSub
+from nats.aio.msg import Msg
+from opentelemetry import propagate, trace
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from libs.contracts import DeadLetter, LifecycleEvent, Rejection, dumps
+from libs.contracts.envelope import ID_RE
+from libs.contracts.notifications import FieldError, RejectionCode
+from libs.contracts.subjects import (
+    CONSUMER_INTAKE,
+    INBOUND_PREFIX,
+    SERVICE_CONSUMERS,
+    STREAM_DLQ,
+    STREAM_EVENTS,
+    STREAM_IN,
+    STREAM_NOTIFY,
+    dlq_subject,
+    event_subject,
+    notify_subject,
+)
+
+from . import db
+from .domain import Checked, Refusal, Rejected, RequestState, check_inbound, decide, payload_hash, stamp
+
+log = logging.getLogger("baton.intake")
+tracer = trace.get_tracer("baton.intake")
+
+SERVICE = "intake"
+
+
+class Publish(Protocol):
+    """Publish ``body`` to ``subject`` on ``stream`` with ``Nats-Msg-Id``; returns once the PubAck arrived."""
+
+    def __call__(self, subject: str, body: bytes, *, msg_id: str, stream: str) -> Awaitable[None]: ...
+
+
+class Outcome(StrEnum):
+    APPLIED = "applied"
+    DUPLICATE = "duplicate"
+    REJECTED = "rejected"
+    DEAD_LETTERED = "dead_lettered"
+
+
+@dataclass(frozen=True)
+class Inbound:
+    """The parts of a JetStream message intake needs (kept broker-agnostic for tests)."""
+
+    subject: str
+    data: bytes
+    headers: dict[str, str]
+    stream_sequence: int
+    num_delivered: int
+
+
+class IntakeProcessor:
+    def __init__(
+        self,
+        database: db.Database,
+        publish: Publish,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> None:
+        self.db = database
+        self.publish = publish
+        self.clock = clock
+
+    async def process(self, msg: Inbound) -> Outcome:
+        checked = check_inbound(msg.subject, msg.data)
+        if isinstance(checked, Rejected):
+            await self._reject(msg, checked.refusal, checked)
+            return Outcome.REJECTED
+        for _attempt in range(5):
+            try:
+                return await self._apply(msg, checked)
+            except (db.ConcurrentUpdate, IntegrityError):
+                # Another intake replica advanced this request (or appended this event_id) first:
+                # re-read and decide again.
+                log.info("concurrent update on %s, retrying", checked.event.request_id)
+        raise RuntimeError(f"request {checked.event.request_id}: too many concurrent updates")
+
+    async def _apply(self, msg: Inbound, checked: Checked) -> Outcome:
+        event = checked.event
+        async with self.db.transaction() as session:
+            existing = await db.find_event(session, event.event_id)
+            if existing is not None:
+                canonical_row: db.EventRow | None = existing
+                refusal: Refusal | None = None
+                if existing.payload_hash != checked.payload_hash:
+                    refusal = Refusal(
+                        RejectionCode.ID_CONFLICT,
+                        f"event_id {event.event_id} was already used for a different event",
+                        (FieldError(loc=["event_id"], code="id_conflict", message="already used"),),
+                    )
+            else:
+                canonical_row, refusal = await self._decide_and_append(session, event)
+
+        if refusal is not None:
+            await self._reject(msg, refusal, checked)
+            return Outcome.REJECTED
+        assert canonical_row is not None
+        # Published after the commit; on a crash here, redelivery finds the row and publishes again.
+        await self.publish(
+            event_subject(canonical_row.request_id, canonical_row.type),
+            canonical_row.canonical.encode(),
+            msg_id=canonical_row.event_id,
+            stream=STREAM_EVENTS,
+        )
+        return Outcome.DUPLICATE if existing is not None else Outcome.APPLIED
+
+    async def _decide_and_append(
+        self, session: AsyncSession, event: LifecycleEvent
+    ) -> tuple[db.EventRow | None, Refusal | None]:
+        row = await db.load_request(session, event.request_id, for_update=self.db.is_postgres)
+        current = row.to_state() if row is not None else None
+        result = decide(current, event)
+        if isinstance(result, Refusal):
+            return None, result
+        now = self.clock()
+        trace_id = result.trace_id if current is not None else _current_trace_id()
+        new_state: RequestState = result if current is not None else _with_trace(result, trace_id)
+        canonical = stamp(event, new_state.last_sequence, now, new_state.trace_id)
+        await db.save_state(session, row, new_state, now)
+        event_row = db.EventRow(
+            event_id=event.event_id,
+            request_id=event.request_id,
+            sequence=new_state.last_sequence,
+            type=event.type,
+            payload_hash=payload_hash(event),
+            canonical=dumps(canonical).decode(),
+            recorded_at=now,
+        )
+        session.add(event_row)
+        await session.flush()
+        return event_row, None
+
+    async def _reject(self, msg: Inbound, refusal: Refusal, checked: Checked | Rejected) -> None:
+        """Record the refusal, dead-letter the original, and tell the publishing department."""
+        now = self.clock()
+        if isinstance(checked, Checked):
+            department = checked.department
+            event_id: str | None = checked.event.event_id
+            request_id: str | None = checked.event.request_id
+            event_type: str | None = checked.event.type
+        else:
+            department = checked.parsed.department
+            doc = checked.document or {}
+            event_id = _str_or_none(doc.get("event_id"))
+            request_id = _str_or_none(doc.get("request_id"))
+            event_type = checked.parsed.event_type
+        source_key = f"nats:{msg.stream_sequence}"
+        async with self.db.transaction() as session:
+            if not await _rejection_exists(session, source_key):
+                session.add(
+                    db.RejectionRow(
+                        source_key=source_key,
+                        department=department,
+                        subject=msg.subject[:256],
+                        event_id=(event_id or "")[:64] or None,
+                        request_id=(request_id or "")[:64] or None,
+                        event_type=event_type,
+                        code=refusal.code.value,
+                        message=refusal.message,
+                        errors=[e.model_dump(mode="json") for e in refusal.errors],
+                        rejected_at=now,
+                    )
+                )
+        log.info("refused %s (%s): %s", msg.subject[:128], refusal.code.value, refusal.message)
+        await self._dead_letter(msg, refusal.code.value, refusal.message, list(refusal.errors), department, event_id)
+        if department is not None:
+            notice = Rejection(
+                notification_id=f"rej-in-{msg.stream_sequence}",
+                department=department,
+                event_id=event_id,
+                request_id=request_id,
+                event_type=event_type,
+                subject=msg.subject[:256],
+                code=refusal.code,
+                message=refusal.message,
+                errors=list(refusal.errors),
+                rejected_at=now,
+            )
+            await self.publish(
+                notify_subject(department, "rejected"),
+                dumps(notice),
+                msg_id=notice.notification_id,
+                stream=STREAM_NOTIFY,
+            )
+
+    async def dead_letter_poison(self, msg: Inbound, error: BaseException) -> None:
+        """Called on a message's last allowed delivery when processing keeps failing."""
+        await self._dead_letter(msg, "processing_failed", f"{type(error).__name__}: {error}"[:1000], [], None, None)
+
+    async def _dead_letter(
+        self,
+        msg: Inbound,
+        code: str,
+        message: str,
+        errors: list[FieldError],
+        department: str | None,
+        event_id: str | None,
+    ) -> None:
+        letter = DeadLetter(
+            dead_letter_id=f"dlq-intake-{msg.stream_sequence}",
+            service=SERVICE,
+            code=code,
+            message=message,
+            errors=errors,
+            original_subject=msg.subject[:256],
+            original_stream_sequence=msg.stream_sequence,
+            original_headers={k: v for k, v in msg.headers.items() if len(k) < 100 and len(v) < 1000},
+            payload=base64.b64encode(msg.data).decode(),
+            event_id=event_id if event_id and _valid_id(event_id) else None,
+            department=department,
+            dead_lettered_at=self.clock(),
+        )
+        await self.publish(dlq_subject(SERVICE, code), dumps(letter), msg_id=letter.dead_letter_id, stream=STREAM_DLQ)
+
+
+async def _rejection_exists(session: AsyncSession, source_key: str) -> bool:
+    stmt = select(db.RejectionRow.id).where(db.RejectionRow.source_key == source_key)
+    return (await session.execute(stmt)).first() is not None
+
+
+def _with_trace(state: RequestState, trace_id: str | None) -> RequestState:
+    return replace(state, trace_id=trace_id)
+
+
+def _current_trace_id() -> str | None:
+    ctx = trace.get_current_span().get_span_context()
+    return format(ctx.trace_id, "032x") if ctx.is_valid else None
+
+
+def _str_or_none(value: object) -> str | None:
+    return value[:200] if isinstance(value, str) else None
+
+
+def _valid_id(value: str) -> bool:
+    return ID_RE.fullmatch(value) is not None
+
+
+# --- FastStream wiring: the one subscription intake has ---------------------------------
+
+
+def build_router(
+    processor: IntakeProcessor, *, batch_size: int, fetch_timeout: float, retry_delay: float
+) -> NatsRouter:
+    """Intake's only subscription: the durable ``intake`` consumer on ``BATON_IN`` (provisioned by Baton).
+
+    A batch subscriber keeps the stream order (FastStream's single-message pull subscriber
+    handles a fetched batch concurrently); every message is acked or naked on its own.
+    """
+    router = NatsRouter()
+    spec = next(c for c in SERVICE_CONSUMERS if c.durable == CONSUMER_INTAKE)
+
+    @router.subscriber(
+        f"{INBOUND_PREFIX}.>",
+        stream=JStream(STREAM_IN, declare=False),
+        durable=CONSUMER_INTAKE,
+        pull_sub=PullSub(batch_size=batch_size, timeout=fetch_timeout, batch=True),
+        ack_policy=AckPolicy.MANUAL,
+        decoder=raw_batch,
+        title="intake:inbound",
+        description="Inbound events from departments (baton.in.<dept>.<type>) and services (baton.svc.>).",
+    )
+    async def on_inbound(body: list[bytes], msg: NatsMessage) -> None:
+        raws: list[Msg] = cast("list[Msg]", msg.raw_message)
+        for index, raw in enumerate(raws):
+            inbound = to_inbound(raw)
+            try:
+                with tracer.start_as_current_span(
+                    f"{STREAM_IN} process",
+                    context=propagate.extract(inbound.headers),
+                    kind=trace.SpanKind.CONSUMER,
+                    attributes={
+                        "messaging.system": "nats",
+                        "messaging.operation.type": "process",
+                        "messaging.destination.name": raw.subject[:256],
+                    },
+                ):
+                    await processor.process(inbound)
+            except Exception as exc:
+                if inbound.num_delivered >= spec.max_deliver:
+                    log.exception("giving up on %s after %d deliveries", raw.subject[:128], inbound.num_delivered)
+                    await processor.dead_letter_poison(inbound, exc)
+                    await raw.term()
+                    continue
+                log.exception("processing %s failed; redelivering in %.1fs", raw.subject[:128], retry_delay)
+                # Keep the order: this message and everything after it in the batch come back later.
+                for later in raws[index:]:
+                    await later.nak(delay=retry_delay)
+                return
+            await raw.ack()
+
+    return router
+
+
+async def raw_batch(msg: NatsMessage) -> list[bytes]:
+    """Hand the handler raw bytes: intake parses and explains bad JSON itself."""
+    return [m.data for m in cast("list[Msg]", msg.raw_message)]
+
+
+def to_inbound(raw: Msg) -> Inbound:
+    meta = raw.metadata
+    return Inbound(
+        subject=raw.subject,
+        data=raw.data or b"",
+        headers=dict(raw.headers or {}),
+        stream_sequence=meta.sequence.stream,
+        num_delivered=meta.num_delivered,
+    )
