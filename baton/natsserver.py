@@ -60,11 +60,11 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def _run_blocking(factory: Callable[[], Coroutine[Any, Any, T]]) -> T:
-    """Run a coroutine to completion from sync code, even when an event loop is already running here."""
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return asyncio.run(factory())
+    """Run a coroutine to completion from sync code, in a worker thread with its own event loop.
+
+    A thread even when no loop runs here: ``asyncio.run`` in this thread would replace (and then
+    unset) the thread's current event loop, which test runners such as pytest-asyncio rely on.
+    """
     with ThreadPoolExecutor(max_workers=1) as pool:
         return pool.submit(lambda: asyncio.run(factory())).result()
 
@@ -121,6 +121,11 @@ class NatsServer:
         return f"http://{self.host}:{self.monitor_port}" if self.monitor_port else None
 
     @property
+    def name(self) -> str:
+        """The ``server_name`` in the config; the readiness probe checks it to be sure it reached *this* server."""
+        return self.server_name or f"baton-{self.port}"
+
+    @property
     def config_path(self) -> Path:
         return self.store_dir / CONFIG_NAME
 
@@ -144,7 +149,7 @@ class NatsServer:
         """The configuration file text (JSON-quoted strings are valid NATS config)."""
         lines = [
             "# Written by baton.natsserver; regenerated on every start.",
-            f"server_name: {json.dumps(self.server_name or f'baton-{self.port}')}",
+            f"server_name: {json.dumps(self.name)}",
             f"host: {json.dumps(self.host)}",
             f"port: {self.port}",
         ]
@@ -189,7 +194,7 @@ class NatsServer:
         return NatsServerError(f"{where} {problem}; log {self.log_path}:\n{self.log_tail()}")
 
     async def _probe(self) -> bool:
-        """True when the client port answers and JetStream serves ``$JS.API.INFO``."""
+        """True when the client port answers, it is this server, and JetStream serves ``$JS.API.INFO``."""
         try:
             _, writer = await asyncio.wait_for(asyncio.open_connection(self.host, self.port), timeout=0.5)
         except (OSError, TimeoutError):
@@ -210,6 +215,10 @@ class NatsServer:
         except Exception:
             return False
         try:
+            # Another server may hold the port (ours then fails to bind and exits): check who answered.
+            info: dict[str, Any] = getattr(nc, "_server_info", None) or {}
+            if info.get("server_name") != self.name:
+                return False
             await nc.jetstream(timeout=1).account_info()
         except Exception:
             return False

@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from enum import StrEnum
+from enum import Enum, StrEnum
 from typing import Any, Literal
 
 import nats
@@ -53,6 +53,7 @@ STREAM_FIELDS = (
     "max_msg_size",
     "num_replicas",
     "deny_delete",
+    "deny_purge",
 )
 CONSUMER_FIELDS = (
     "description",
@@ -139,6 +140,7 @@ def stream_config(spec: StreamSpec, *, num_replicas: int = 1) -> StreamConfig:
         max_msg_size=spec.max_msg_size,
         num_replicas=num_replicas,
         deny_delete=spec.deny_delete,
+        deny_purge=spec.deny_purge,
     )
 
 
@@ -184,8 +186,8 @@ def consumer_specs(catalog: Catalog | None = None) -> tuple[ConsumerSpec, ...]:
 
 # --- comparison -----------------------------------------------------------------------
 def _normal(value: Any) -> Any:
-    if isinstance(value, StrEnum | str):
-        return str(value.value if hasattr(value, "value") else value)
+    if isinstance(value, Enum):  # nats-py enums are (str, Enum); the server answers plain strings
+        return value.value
     if value is None or value == []:
         return None
     if isinstance(value, list | tuple):
@@ -202,7 +204,9 @@ def _same(desired: Any, actual: Any) -> bool:
     return bool(a == b)
 
 
-def diff(desired: StreamConfig | ConsumerConfig, actual: StreamConfig | ConsumerConfig, fields: Sequence[str]) -> tuple[str, ...]:
+def diff(
+    desired: StreamConfig | ConsumerConfig, actual: StreamConfig | ConsumerConfig, fields: Sequence[str]
+) -> tuple[str, ...]:
     """The fields whose desired value differs from the server's (``description: None`` = don't care)."""
     return tuple(
         name
@@ -283,21 +287,23 @@ async def provision(
     *,
     num_replicas: int = 1,
     dry_run: bool = False,
-    timeout: float = 5.0,
+    api_timeout: float = 5.0,
 ) -> ProvisionReport:
     """Create or update every stream in ``STREAMS`` and every consumer in ``SERVICE_CONSUMERS``,
     plus one notification consumer per catalog department. Running it twice changes nothing.
 
     ``nc_or_url``: a connected client (left open) or a server URL (connected and closed here).
-    ``dry_run``: compute the report without changing anything.
+    ``dry_run``: compute the report without changing anything. ``api_timeout``: per JetStream API request.
     """
     specs = consumer_specs(catalog)
     configs = [(spec.stream, consumer_config(spec)) for spec in specs]  # validate every spec before any change
     own = isinstance(nc_or_url, str)
-    nc = await nats.connect(nc_or_url, name="baton-provision", connect_timeout=timeout) if own else nc_or_url
-    assert isinstance(nc, NATS)
+    if isinstance(nc_or_url, str):
+        nc = await nats.connect(nc_or_url, name="baton-provision", connect_timeout=api_timeout, allow_reconnect=False)
+    else:
+        nc = nc_or_url
     try:
-        jsm = nc.jsm(timeout=timeout)
+        jsm = nc.jsm(timeout=api_timeout)
         report = ProvisionReport(dry_run=dry_run)
         for stream_spec in STREAMS:
             report.items.append(

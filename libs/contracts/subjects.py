@@ -152,6 +152,7 @@ class StreamSpec:
     duplicate_window_seconds: float
     max_msg_size: int = 1 << 20
     deny_delete: bool = False
+    deny_purge: bool = False
 
 
 @dataclass(frozen=True)
@@ -161,10 +162,13 @@ class ConsumerSpec:
     description: str
     filter_subjects: tuple[str, ...] = ()
     max_deliver: int = 10
-    ack_wait_seconds: float = 30.0
+    #: Redelivery after this long without an ack (a crashed or stuck consumer).
+    ack_wait_seconds: float = 15.0
     max_ack_pending: int = 1000
-    #: Redelivery delays after a nak/ack timeout (JetStream ``backoff``); length <= max_deliver.
-    backoff_seconds: tuple[float, ...] = field(default=(1.0, 2.0, 5.0, 10.0, 30.0))
+    #: JetStream ``backoff`` (redelivery delays after ack timeouts). When set, the server uses
+    #: ``backoff[0]`` as the ack wait, so service consumers leave it empty and their handlers
+    #: pick the retry delay themselves with ``nak(delay=...)`` (a plain nak redelivers at once).
+    backoff_seconds: tuple[float, ...] = field(default=())
 
 
 STREAMS: tuple[StreamSpec, ...] = (
@@ -182,6 +186,7 @@ STREAMS: tuple[StreamSpec, ...] = (
         max_age_seconds=0,
         duplicate_window_seconds=20 * MINUTE,
         deny_delete=True,
+        deny_purge=True,
     ),
     StreamSpec(
         STREAM_NOTIFY,

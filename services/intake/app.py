@@ -78,6 +78,7 @@ def create_app(settings: IntakeSettings, *, tracer_provider: TracerProvider | No
     broker.include_router(
         build_router(
             processor,
+            tracer=tracer_provider.get_tracer("baton.intake"),
             batch_size=settings.fetch_batch,
             fetch_timeout=settings.fetch_timeout,
             retry_delay=settings.retry_delay,

@@ -49,7 +49,6 @@ from . import db
 from .domain import Checked, Refusal, Rejected, RequestState, check_inbound, decide, payload_hash, stamp
 
 log = logging.getLogger("baton.intake")
-tracer = trace.get_tracer("baton.intake")
 
 SERVICE = "intake"
 
@@ -267,7 +266,12 @@ def _valid_id(value: str) -> bool:
 
 
 def build_router(
-    processor: IntakeProcessor, *, batch_size: int, fetch_timeout: float, retry_delay: float
+    processor: IntakeProcessor,
+    *,
+    tracer: trace.Tracer,
+    batch_size: int,
+    fetch_timeout: float,
+    retry_delay: float,
 ) -> NatsRouter:
     """Intake's only subscription: the durable ``intake`` consumer on ``BATON_IN`` (provisioned by Baton).
 

@@ -1,0 +1,52 @@
+# Baton: two commands do all the set-up on a fresh Debian machine with python3 and make.
+#   make run    -> Baton on its embedded default (NATS from the wheel, SQLite, all four services)
+#   make test   -> lint, types and the whole test suite (unit, component, integration, e2e)
+
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed-stamp
+
+.PHONY: setup run demo test lint typecheck pytest fmt lock schemas bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml requirements.lock scripts/bootstrap.sh
+	sh scripts/bootstrap.sh
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --disable-pip-version-check --upgrade pip
+	$(BIN)/python -m pip install -q --disable-pip-version-check -c requirements.lock -e '.[dev]'
+	touch $(STAMP)
+
+run: setup
+	$(BIN)/baton up
+
+demo: setup
+	$(BIN)/baton up --demo
+
+test: setup lint typecheck pytest
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: setup
+	$(BIN)/mypy
+
+pytest: setup
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+fmt: setup
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+# Refresh the pinned versions after changing dependencies in pyproject.toml.
+lock: setup
+	$(BIN)/python -m pip freeze --exclude-editable --disable-pip-version-check | grep -v '^-e ' > requirements.lock
+
+# Rewrite the committed JSON Schema snapshots after an (additive) contract change.
+schemas: setup
+	$(BIN)/python -m libs.contracts.snapshots
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,218 @@
+"""The embedded stack behind ``baton up``: nats-server from the wheel, provisioning, and the four
+services, each its own supervised process with its own SQLite database.
+
+Used by the CLI, the end-to-end tests and the benchmark, so all three run Baton the same way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+from libs.contracts import Catalog
+
+from .catalog_loader import load_catalog
+from .natsserver import NatsServer, free_port
+from .provision import provision
+
+log = logging.getLogger("baton.up")
+
+SERVICES = ("intake", "routing", "notifier", "metrics")
+DEFAULT_NATS_PORT = 14222
+DEFAULT_MONITOR_PORT = 18222
+DEFAULT_HTTP_BASE_PORT = 8101  # intake 8101, routing 8102, notifier 8103, metrics 8104
+
+#: A service that dies more often than this within RESTART_WINDOW is given up on.
+MAX_RESTARTS = 5
+RESTART_WINDOW = 60.0
+
+
+@dataclass
+class StackConfig:
+    data_dir: Path = Path(".baton")
+    catalog_path: Path = Path("deploy/catalog.yaml")
+    nats_port: int = DEFAULT_NATS_PORT  # 0 = any free port
+    monitor_port: int | None = DEFAULT_MONITOR_PORT
+    http_host: str = "127.0.0.1"
+    http_base_port: int = DEFAULT_HTTP_BASE_PORT  # 0 = any free ports
+    nats_url: str | None = None  # target a running NATS instead of starting one
+    extra_env: dict[str, str] = field(default_factory=dict)
+    ready_timeout: float = 60.0
+
+
+@dataclass
+class ServiceProcess:
+    name: str
+    port: int
+    env: dict[str, str]
+    log_path: Path
+    proc: asyncio.subprocess.Process | None = None
+    restarts: list[float] = field(default_factory=list)
+    stopping: bool = False
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.env[f'BATON_{self.name.upper()}_HTTP_HOST']}:{self.port}"
+
+
+class Stack:
+    """Start, supervise and stop the embedded Baton stack."""
+
+    def __init__(self, config: StackConfig) -> None:
+        self.config = config
+        self.data_dir = config.data_dir.resolve()
+        self.catalog: Catalog = load_catalog(config.catalog_path)
+        self.nats: NatsServer | None = None
+        self.nats_url = config.nats_url or ""
+        self.services: dict[str, ServiceProcess] = {}
+        self._watchers: list[asyncio.Task[None]] = []
+        self._closing = False
+
+    # --- start ---------------------------------------------------------------------
+    async def start(self) -> None:
+        (self.data_dir / "logs").mkdir(parents=True, exist_ok=True)
+        if not self.nats_url:
+            self.nats = NatsServer(
+                self.data_dir / "nats",
+                port=self.config.nats_port,
+                monitor_port=self.config.monitor_port,
+                server_name="baton-embedded",
+            )
+            await self.nats.start_async()
+            self.nats_url = self.nats.url
+        await provision(self.nats_url, self.catalog)
+        for index, name in enumerate(SERVICES):
+            port = free_port() if self.config.http_base_port == 0 else self.config.http_base_port + index
+            self.services[name] = self._service(name, port)
+        for svc in self.services.values():
+            await self._spawn(svc)
+            self._watchers.append(asyncio.create_task(self._watch(svc), name=f"watch-{svc.name}"))
+        await self.wait_ready()
+
+    def _service(self, name: str, port: int) -> ServiceProcess:
+        prefix = f"BATON_{name.upper()}_"
+        env = {
+            **os.environ,
+            "PYTHONUNBUFFERED": "1",
+            prefix + "NATS_URL": self.nats_url,
+            prefix + "DATABASE_URL": f"sqlite+aiosqlite:///{self.data_dir / 'data' / f'{name}.db'}",
+            prefix + "HTTP_HOST": self.config.http_host,
+            prefix + "HTTP_PORT": str(port),
+            prefix + "CATALOG_PATH": str(self.config.catalog_path.resolve()),
+            "OTEL_SERVICE_NAME": f"baton-{name}",
+            **self.config.extra_env,
+        }
+        return ServiceProcess(name, port, env, self.data_dir / "logs" / f"{name}.log")
+
+    async def _spawn(self, svc: ServiceProcess) -> None:
+        (self.data_dir / "data").mkdir(parents=True, exist_ok=True)
+        logfile = svc.log_path.open("ab")
+        try:
+            svc.proc = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                f"services.{svc.name}",
+                env=svc.env,
+                stdout=logfile,
+                stderr=subprocess_stdout(),
+                stdin=asyncio.subprocess.DEVNULL,
+                # Own session: Ctrl-C reaches only the supervisor, which stops services in order.
+                start_new_session=True,
+            )
+        finally:
+            logfile.close()
+        log.info("started %s (pid %s) on port %d", svc.name, svc.proc.pid, svc.port)
+
+    async def _watch(self, svc: ServiceProcess) -> None:
+        """Restart a service that exits on its own, with a growing delay; give up if it keeps dying."""
+        while not self._closing and not svc.stopping:
+            assert svc.proc is not None
+            code = await svc.proc.wait()
+            if self._closing or svc.stopping:
+                return
+            now = time.monotonic()
+            svc.restarts = [t for t in svc.restarts if now - t < RESTART_WINDOW] + [now]
+            if len(svc.restarts) > MAX_RESTARTS:
+                log.error("%s exited %d times within %.0fs; giving up (see %s)", svc.name, MAX_RESTARTS,
+                          RESTART_WINDOW, svc.log_path)  # fmt: skip
+                return
+            delay = min(2.0 ** (len(svc.restarts) - 1), 10.0)
+            log.warning("%s exited with %s; restarting in %.0fs (log: %s)", svc.name, code, delay, svc.log_path)
+            await asyncio.sleep(delay)
+            if not self._closing:
+                await self._spawn(svc)
+
+    async def wait_ready(self, within: float | None = None) -> None:
+        deadline = time.monotonic() + (within or self.config.ready_timeout)
+        pending = set(self.services)
+        async with httpx.AsyncClient(timeout=2.0) as client:
+            while pending:
+                for name in sorted(pending):
+                    svc = self.services[name]
+                    if svc.proc is not None and svc.proc.returncode is not None and not svc.restarts:
+                        raise RuntimeError(f"{name} exited with {svc.proc.returncode}; see {svc.log_path}")
+                    with contextlib.suppress(httpx.HTTPError):
+                        if (await client.get(f"{svc.url}/readyz")).status_code == 200:
+                            pending.discard(name)
+                if pending and time.monotonic() > deadline:
+                    raise TimeoutError(f"not ready in time: {', '.join(sorted(pending))} (logs in {self.data_dir})")
+                if pending:
+                    await asyncio.sleep(0.2)
+
+    # --- control (tests and faults use these) ------------------------------------------
+    async def kill_service(self, name: str, sig: int = signal.SIGKILL) -> None:
+        """Send ``sig`` to a service; the supervisor restarts it like a real crash."""
+        proc = self.services[name].proc
+        if proc is not None and proc.returncode is None:
+            proc.send_signal(sig)
+
+    # --- stop --------------------------------------------------------------------------
+    async def stop(self, grace: float = 20.0) -> None:
+        """Stop the services (SIGTERM: they drain in-flight work), then NATS."""
+        self._closing = True
+        for svc in self.services.values():
+            svc.stopping = True
+            if svc.proc is not None and svc.proc.returncode is None:
+                svc.proc.send_signal(signal.SIGTERM)
+        for svc in self.services.values():
+            if svc.proc is None:
+                continue
+            try:
+                await asyncio.wait_for(svc.proc.wait(), grace)
+            except TimeoutError:
+                log.warning("%s did not stop within %.0fs; killing it", svc.name, grace)
+                svc.proc.kill()
+                await svc.proc.wait()
+        for task in self._watchers:
+            task.cancel()
+        await asyncio.gather(*self._watchers, return_exceptions=True)
+        if self.nats is not None:
+            await self.nats.stop_async()
+
+    def describe(self) -> list[tuple[str, str]]:
+        rows = [("NATS", self.nats_url)]
+        if self.nats is not None and self.nats.monitor_url:
+            rows.append(("NATS monitoring", self.nats.monitor_url))
+        for svc in self.services.values():
+            rows.append((svc.name, svc.url))
+        metrics = self.services.get("metrics")
+        if metrics is not None:
+            rows.append(("dashboard", f"{metrics.url}/"))
+            rows.append(("timeline API", f"{metrics.url}/v1/requests/<request_id>/timeline"))
+        rows.append(("data", str(self.data_dir)))
+        rows.append(("logs", str(self.data_dir / "logs")))
+        return rows
+
+
+def subprocess_stdout() -> int:
+    """stderr goes to the same log file as stdout."""
+    return asyncio.subprocess.STDOUT

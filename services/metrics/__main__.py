@@ -1,0 +1,26 @@
+"""``python -m services.metrics``: run the metrics service."""
+
+from __future__ import annotations
+
+import logging
+
+import uvicorn
+
+from .app import create_app
+from .settings import MetricsSettings
+
+
+def main() -> None:
+    settings = MetricsSettings()
+    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    uvicorn.run(
+        create_app(settings),
+        host=settings.http_host,
+        port=settings.http_port,
+        log_level="warning",
+        timeout_graceful_shutdown=int(settings.graceful_timeout),
+    )
+
+
+if __name__ == "__main__":
+    main()

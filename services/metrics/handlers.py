@@ -1,0 +1,216 @@
+"""Metrics' message handling: canonical event in -> checks -> stored once -> acked.
+
+Delivery rules:
+
+* a message is acked only after its event is committed (or found already stored: a redelivery
+  or a re-publication is a no-op, decided inside the same transaction as the insert);
+* a message that can never be projected (not JSON, not a valid event, not canonical, its
+  subject does not match, or its sequence is taken by another event) is dead-lettered on
+  ``baton.dlq.metrics.<code>`` and acked: it never loops;
+* an unexpected error (database down, DLQ publish refused) naks the message and the rest of
+  its batch with a delay; on its last allowed delivery it is dead-lettered and terminated.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Protocol, cast
+
+from faststream.middlewares import AckPolicy
+from faststream.nats import JStream, NatsMessage, NatsRouter, PullSub
+from nats.aio.msg import Msg
+from opentelemetry import propagate, trace
+
+from libs.contracts import EVENT_MODELS, DeadLetter, dumps
+from libs.contracts.envelope import ID_RE
+from libs.contracts.notifications import FieldError
+from libs.contracts.subjects import (
+    CONSUMER_METRICS,
+    EVENTS_PREFIX,
+    SERVICE_CONSUMERS,
+    STREAM_DLQ,
+    STREAM_EVENTS,
+    dlq_subject,
+)
+
+from . import db
+from .domain import Poison, check_canonical, parties
+
+log = logging.getLogger("baton.metrics")
+tracer = trace.get_tracer("baton.metrics")
+
+SERVICE = "metrics"
+
+
+class Publish(Protocol):
+    """Publish ``body`` to ``subject`` on ``stream`` with ``Nats-Msg-Id``; returns once the PubAck arrived."""
+
+    def __call__(self, subject: str, body: bytes, *, msg_id: str, stream: str) -> Awaitable[None]: ...
+
+
+class Outcome(StrEnum):
+    PROJECTED = "projected"
+    DUPLICATE = "duplicate"
+    DEAD_LETTERED = "dead_lettered"
+
+
+@dataclass(frozen=True)
+class Inbound:
+    """The parts of a JetStream message metrics needs (kept broker-agnostic for tests)."""
+
+    subject: str
+    data: bytes
+    headers: dict[str, str]
+    stream_sequence: int
+    num_delivered: int
+
+
+def _ignore(_type: str, _outcome: Outcome) -> None:
+    return None
+
+
+class MetricsProcessor:
+    def __init__(
+        self,
+        database: db.Database,
+        publish: Publish,
+        *,
+        observe: Callable[[str, Outcome], None] = _ignore,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> None:
+        """``observe(event_type, outcome)`` is called once per processed message (for Prometheus)."""
+        self.db = database
+        self.publish = publish
+        self.observe = observe
+        self.clock = clock
+
+    async def process(self, msg: Inbound) -> Outcome:
+        checked = check_canonical(msg.subject, msg.data)
+        if isinstance(checked, Poison):
+            await self._dead_letter(msg, checked.code, checked.message, list(checked.errors), checked.event_id)
+            self.observe(_subject_type(msg.subject), Outcome.DEAD_LETTERED)
+            return Outcome.DEAD_LETTERED
+        event = checked.event
+        values = db.event_values(checked, msg.data.decode("utf-8", "replace"), msg.stream_sequence, self.clock())
+        async with self.db.transaction() as session:
+            stored = await db.insert_event(session, values)
+            if stored is db.Stored.INSERTED:
+                await db.add_parties(session, event.request_id, parties(event))
+        if stored is db.Stored.CONFLICT:
+            message = (
+                f"event {event.event_id} (request {event.request_id}, sequence {checked.sequence}) conflicts with "
+                "a stored event: the event_id or the sequence is already taken"
+            )
+            log.warning("%s", message)
+            await self._dead_letter(msg, "sequence_conflict", message, [], event.event_id)
+            self.observe(event.type, Outcome.DEAD_LETTERED)
+            return Outcome.DEAD_LETTERED
+        outcome = Outcome.PROJECTED if stored is db.Stored.INSERTED else Outcome.DUPLICATE
+        self.observe(event.type, outcome)
+        return outcome
+
+    async def dead_letter_poison(self, msg: Inbound, error: BaseException) -> None:
+        """Called on a message's last allowed delivery when processing keeps failing."""
+        await self._dead_letter(msg, "processing_failed", f"{type(error).__name__}: {error}"[:1000], [], None)
+
+    async def _dead_letter(
+        self, msg: Inbound, code: str, message: str, errors: list[FieldError], event_id: str | None
+    ) -> None:
+        log.info("dead-lettering %s (%s): %s", msg.subject[:128], code, message[:300])
+        letter = DeadLetter(
+            dead_letter_id=f"dlq-{SERVICE}-{msg.stream_sequence}",
+            service=SERVICE,
+            code=code,
+            message=message,
+            errors=errors,
+            original_subject=msg.subject[:256],
+            original_stream_sequence=msg.stream_sequence,
+            original_headers={k: v for k, v in msg.headers.items() if len(k) < 100 and len(v) < 1000},
+            payload=base64.b64encode(msg.data).decode(),
+            event_id=event_id if event_id and ID_RE.fullmatch(event_id) else None,
+            dead_lettered_at=self.clock(),
+        )
+        await self.publish(dlq_subject(SERVICE, code), dumps(letter), msg_id=letter.dead_letter_id, stream=STREAM_DLQ)
+
+
+def _subject_type(subject: str) -> str:
+    """The type token of ``baton.events.<request_id>.<type>`` for metric labels ('unknown' otherwise)."""
+    parts = subject.split(".")
+    return parts[3] if len(parts) == 4 and parts[3] in EVENT_MODELS else "unknown"
+
+
+# --- FastStream wiring: the one subscription metrics has ---------------------------------
+
+
+def build_router(
+    processor: MetricsProcessor, *, batch_size: int, fetch_timeout: float, retry_delay: float
+) -> NatsRouter:
+    """Metrics' only subscription: the durable ``metrics`` consumer on ``BATON_EVENTS`` (provisioned by Baton).
+
+    A batch subscriber keeps the stream order (FastStream's single-message pull subscriber
+    handles a fetched batch concurrently); every message is acked or naked on its own.
+    """
+    router = NatsRouter()
+    spec = next(c for c in SERVICE_CONSUMERS if c.durable == CONSUMER_METRICS)
+
+    @router.subscriber(
+        f"{EVENTS_PREFIX}.>",
+        stream=JStream(STREAM_EVENTS, declare=False),
+        durable=CONSUMER_METRICS,
+        pull_sub=PullSub(batch_size=batch_size, timeout=fetch_timeout, batch=True),
+        ack_policy=AckPolicy.MANUAL,
+        decoder=raw_batch,
+        title="metrics:events",
+        description="The canonical event log (baton.events.<request_id>.<type>), projected into timelines.",
+    )
+    async def on_events(body: list[bytes], msg: NatsMessage) -> None:
+        raws: list[Msg] = cast("list[Msg]", msg.raw_message)
+        for index, raw in enumerate(raws):
+            inbound = to_inbound(raw)
+            try:
+                with tracer.start_as_current_span(
+                    f"{STREAM_EVENTS} process",
+                    context=propagate.extract(inbound.headers),
+                    kind=trace.SpanKind.CONSUMER,
+                    attributes={
+                        "messaging.system": "nats",
+                        "messaging.operation.type": "process",
+                        "messaging.destination.name": raw.subject[:256],
+                    },
+                ):
+                    await processor.process(inbound)
+            except Exception as exc:
+                if inbound.num_delivered >= spec.max_deliver:
+                    log.exception("giving up on %s after %d deliveries", raw.subject[:128], inbound.num_delivered)
+                    await processor.dead_letter_poison(inbound, exc)
+                    await raw.term()
+                    continue
+                log.exception("processing %s failed; redelivering in %.1fs", raw.subject[:128], retry_delay)
+                # Keep the order: this message and everything after it in the batch come back later.
+                for later in raws[index:]:
+                    await later.nak(delay=retry_delay)
+                return
+            await raw.ack()
+
+    return router
+
+
+async def raw_batch(msg: NatsMessage) -> list[bytes]:
+    """Hand the handler raw bytes: metrics parses and explains bad JSON itself."""
+    return [m.data for m in cast("list[Msg]", msg.raw_message)]
+
+
+def to_inbound(raw: Msg) -> Inbound:
+    meta = raw.metadata
+    return Inbound(
+        subject=raw.subject,
+        data=raw.data or b"",
+        headers=dict(raw.headers or {}),
+        stream_sequence=meta.sequence.stream,
+        num_delivered=meta.num_delivered,
+    )

@@ -1,0 +1,155 @@
+"""Notifier's whole wiring: settings -> telemetry -> middlewares -> broker -> routers -> HTTP app."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Annotated, Any
+
+import nats
+from fastapi import FastAPI, HTTPException, Path
+from faststream.nats import NatsBroker
+from faststream.nats.opentelemetry import NatsTelemetryMiddleware
+from faststream.nats.prometheus import NatsPrometheusMiddleware
+from nats.js.errors import NotFoundError
+from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor
+from prometheus_client import CollectorRegistry, make_asgi_app
+from starlette.responses import JSONResponse
+
+from libs.contracts.envelope import ID_PATTERN
+from libs.contracts.subjects import CONSUMER_NOTIFIER, STREAM_EVENTS
+
+from . import db
+from .catalog import load_catalog
+from .domain import Directory
+from .handlers import CONSUMER_SPEC, NotifierProcessor, build_router
+from .settings import NotifierSettings
+
+SERVICE_NAME = "baton-notifier"
+log = logging.getLogger("baton.notifier")
+
+
+def make_tracer_provider(service_name: str) -> TracerProvider:
+    """OpenTelemetry from the standard OTEL_* variables: OTLP export only when an endpoint is set."""
+    provider = TracerProvider(resource=Resource.create({"service.name": service_name}))
+    if os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"):
+        provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+    return provider
+
+
+async def require_consumer(servers: list[str], stream: str, durable: str) -> None:
+    """Fail fast, with the fix, when the durable consumer was not provisioned (services never create one)."""
+    nc = await nats.connect(servers, connect_timeout=5, max_reconnect_attempts=3, name=f"{SERVICE_NAME}-check")
+    try:
+        await nc.jetstream().consumer_info(stream, durable)
+    except NotFoundError as exc:
+        raise RuntimeError(f"consumer {stream}/{durable} does not exist: run `baton provision` first") from exc
+    finally:
+        await nc.close()
+
+
+def create_app(settings: NotifierSettings, *, tracer_provider: TracerProvider | None = None) -> FastAPI:
+    tracer_provider = tracer_provider or make_tracer_provider(SERVICE_NAME)
+    registry = CollectorRegistry()
+    servers = [s.strip() for s in settings.nats_url.split(",") if s.strip()]
+    directory = Directory(load_catalog(settings.catalog_path))
+
+    broker = NatsBroker(
+        servers,
+        name=SERVICE_NAME,
+        max_reconnect_attempts=-1,
+        reconnect_time_wait=1,
+        graceful_timeout=settings.graceful_timeout,
+        log_level=logging.DEBUG,
+        middlewares=[
+            NatsTelemetryMiddleware(tracer_provider=tracer_provider),
+            NatsPrometheusMiddleware(registry=registry, app_name=SERVICE_NAME),
+        ],
+    )
+    database = db.Database(settings.database_url)
+
+    async def publish(subject: str, body: bytes, *, msg_id: str, stream: str) -> None:
+        await broker.publish(body, subject, headers={"Nats-Msg-Id": msg_id}, stream=stream, timeout=10)
+
+    processor = NotifierProcessor(
+        database,
+        publish,
+        directory,
+        max_deliver=CONSUMER_SPEC.max_deliver,
+        gap_delay=settings.gap_delay,
+        gap_max_delay=settings.gap_max_delay,
+    )
+    broker.include_router(
+        build_router(
+            processor,
+            batch_size=settings.fetch_batch,
+            fetch_timeout=settings.fetch_timeout,
+            retry_delay=settings.retry_delay,
+        )
+    )
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        await database.start()
+        await require_consumer(servers, STREAM_EVENTS, CONSUMER_NOTIFIER)
+        await broker.start()
+        log.info("notifier consuming %s/%s", STREAM_EVENTS, CONSUMER_NOTIFIER)
+        try:
+            yield
+        finally:
+            await broker.stop()
+            await database.close()
+            tracer_provider.shutdown()
+
+    app = FastAPI(title="Baton notifier", version="1.0.0", lifespan=lifespan)
+    app.state.settings = settings
+    app.state.broker = broker
+    app.state.database = database
+    app.state.processor = processor
+    app.mount("/metrics", make_asgi_app(registry))
+
+    @app.get("/healthz", tags=["ops"])
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz", tags=["ops"])
+    async def readyz() -> JSONResponse:
+        checks = {"nats": await broker.ping(timeout=2), "database": await _db_ok(database)}
+        return JSONResponse(
+            {"ready": all(checks.values()), "checks": checks}, status_code=200 if all(checks.values()) else 503
+        )
+
+    @app.get("/v1/requests/{request_id}/notifications", tags=["requests"])
+    async def request_notifications(request_id: Annotated[str, Path(pattern=ID_PATTERN)]) -> list[dict[str, Any]]:
+        """Every notification sent (or about to be sent) for a request, in event order."""
+        async with database.transaction() as session:
+            if await db.load_projection(session, request_id, for_update=False) is None:
+                raise HTTPException(404, f"request {request_id} not found")
+            rows = await db.request_notifications(session, request_id)
+        return [
+            {
+                "notification_id": r.notification_id,
+                "department": r.department,
+                "role": r.role,
+                "type": r.type,
+                "sequence": r.sequence,
+                "text": r.text,
+                "published": r.published_at is not None,
+            }
+            for r in rows
+        ]
+
+    return app
+
+
+async def _db_ok(database: db.Database) -> bool:
+    try:
+        return await database.ping()
+    except Exception:
+        log.warning("database not reachable", exc_info=True)
+        return False

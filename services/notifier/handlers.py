@@ -1,0 +1,355 @@
+"""Notifier's message handling: canonical event in -> projection + outbox (one transaction) -> notifications.
+
+Delivery rules:
+
+* a canonical event is acked only after the projection update, the processed-event record
+  and every notification it causes are committed *and* each notification is confirmed by a
+  PubAck on ``BATON_NOTIFY`` (``Nats-Msg-Id`` = notification_id);
+* a crash between the commit and the PubAcks is repaired by redelivery: the event_id is
+  found in ``processed_events`` and the stored notification bytes are published again,
+  never re-rendered (JetStream drops the copies it already holds); rows whose PubAck was
+  recorded are not sent again;
+* an event that arrives before an earlier event of its request is naked with a short,
+  growing delay; on its last allowed delivery it is dead-lettered (``sequence_gap``);
+* an event that can never be applied (invalid JSON or contract, no sequence, wrong subject)
+  is dead-lettered on ``baton.dlq.notifier.<code>`` and acked: it never loops;
+* an unexpected error naks the message (and the rest of its batch, keeping the order) with
+  ``retry_delay``; on its last allowed delivery it is dead-lettered instead of being dropped.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any, Protocol, cast
+
+from faststream.middlewares import AckPolicy
+from faststream.nats import JStream, NatsMessage, NatsRouter, PullSub
+from nats.aio.msg import Msg
+from opentelemetry import propagate, trace
+from pydantic import ValidationError
+from sqlalchemy.exc import IntegrityError
+
+from libs.contracts import DeadLetter, LifecycleEvent, dumps, error_list, parse_event
+from libs.contracts.notifications import FieldError
+from libs.contracts.subjects import (
+    CONSUMER_NOTIFIER,
+    EVENTS_PREFIX,
+    SERVICE_CONSUMERS,
+    STREAM_DLQ,
+    STREAM_EVENTS,
+    STREAM_NOTIFY,
+    dlq_subject,
+    notify_subject,
+)
+
+from . import db
+from .domain import Directory, Order, Poison, check_event, gap_delay, order, plan
+
+log = logging.getLogger("baton.notifier")
+tracer = trace.get_tracer("baton.notifier")
+
+SERVICE = "notifier"
+#: The provisioned consumer this service reads (its max_deliver decides the last delivery).
+CONSUMER_SPEC = next(c for c in SERVICE_CONSUMERS if c.stream == STREAM_EVENTS and c.durable == CONSUMER_NOTIFIER)
+
+
+class Publish(Protocol):
+    """Publish ``body`` to ``subject`` on ``stream`` with ``Nats-Msg-Id``; returns once the PubAck arrived."""
+
+    def __call__(self, subject: str, body: bytes, *, msg_id: str, stream: str) -> Awaitable[None]: ...
+
+
+class Outcome(StrEnum):
+    APPLIED = "applied"  # projection moved, notifications published
+    REPUBLISHED = "republished"  # already applied: stored notifications published again
+    WAITING = "waiting"  # an earlier event of the request is missing: nak with ``retry_in``
+    DEAD_LETTERED = "dead_lettered"
+
+
+@dataclass(frozen=True)
+class Result:
+    outcome: Outcome
+    retry_in: float | None = None
+    published: int = 0
+
+
+@dataclass(frozen=True)
+class Inbound:
+    """The parts of a JetStream message the notifier needs (kept broker-agnostic for tests)."""
+
+    subject: str
+    data: bytes
+    headers: dict[str, str]
+    stream_sequence: int
+    num_delivered: int
+
+
+@dataclass(frozen=True)
+class _Pending:
+    """An outbox row to publish (a plain copy, usable after the session closed)."""
+
+    notification_id: str
+    subject: str
+    body: bytes
+
+
+@dataclass(frozen=True)
+class _Gap:
+    last_sequence: int
+
+
+class NotifierProcessor:
+    def __init__(
+        self,
+        database: db.Database,
+        publish: Publish,
+        directory: Directory,
+        *,
+        max_deliver: int = CONSUMER_SPEC.max_deliver,
+        gap_delay: float = 0.5,
+        gap_max_delay: float = 30.0,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> None:
+        self.db = database
+        self.publish = publish
+        self.directory = directory
+        self.max_deliver = max_deliver
+        self.gap_delay = gap_delay
+        self.gap_max_delay = gap_max_delay
+        self.clock = clock
+
+    def is_last_delivery(self, msg: Inbound) -> bool:
+        return self.max_deliver > 0 and msg.num_delivered >= self.max_deliver
+
+    async def process(self, msg: Inbound) -> Result:
+        try:
+            event = parse_event(msg.data)
+        except ValidationError as exc:
+            errors = error_list(exc)
+            summary = "; ".join(f"{'.'.join(map(str, e.loc)) or '(root)'}: {e.message}" for e in errors[:5])
+            await self._dead_letter(msg, "invalid_event", f"invalid canonical event: {summary}"[:1000], errors)
+            return Result(Outcome.DEAD_LETTERED)
+        poison = check_event(event, msg.subject)
+        if poison is not None:
+            await self._dead_letter(msg, poison.code, poison.message, [], event)
+            return Result(Outcome.DEAD_LETTERED)
+
+        for _attempt in range(5):
+            try:
+                step = await self._apply(event)
+                break
+            except (db.ConcurrentUpdate, IntegrityError):
+                # Another notifier replica applied an event of this request first: re-read and decide again.
+                log.info("concurrent update on %s, retrying", event.request_id)
+        else:
+            raise RuntimeError(f"request {event.request_id}: too many concurrent updates")
+
+        if isinstance(step, Poison):
+            await self._dead_letter(msg, step.code, step.message, [], event)
+            return Result(Outcome.DEAD_LETTERED)
+        if isinstance(step, _Gap):
+            return await self._wait_for_gap(msg, event, step.last_sequence)
+        pending, replay = step
+        await self._publish_all(pending)
+        return Result(Outcome.REPUBLISHED if replay else Outcome.APPLIED, published=len(pending))
+
+    async def _apply(self, event: LifecycleEvent) -> tuple[list[_Pending], bool] | _Gap | Poison:
+        """One transaction: find the event or apply it; returns the notifications to publish."""
+        assert event.sequence is not None  # check_event
+        async with self.db.transaction() as session:
+            if await db.find_processed(session, event.event_id) is not None:
+                rows = await db.event_outbox(session, event.event_id)
+                return [_pending(r) for r in rows if r.published_at is None], True
+
+            row = await db.load_projection(session, event.request_id, for_update=self.db.is_postgres)
+            before = row.to_projection() if row is not None else None
+            last = before.last_sequence if before is not None else 0
+            decision = order(last, event.sequence)
+            if decision is Order.GAP:
+                return _Gap(last)
+            if decision is Order.ALREADY_APPLIED:
+                return Poison(
+                    "sequence_conflict",
+                    f"sequence {event.sequence} of request {event.request_id} was already applied "
+                    f"from another event than {event.event_id}",
+                )
+
+            now = self.clock()
+            planned = plan(before, event, self.directory, now)
+            if isinstance(planned, Poison):
+                return planned
+            await db.save_projection(session, row, planned.projection, now)
+            session.add(
+                db.ProcessedEventRow(
+                    event_id=event.event_id,
+                    request_id=event.request_id,
+                    sequence=event.sequence,
+                    type=event.type,
+                    processed_at=now,
+                )
+            )
+            pending: list[_Pending] = []
+            for position, notification in enumerate(planned.notifications):
+                subject = notify_subject(notification.department, notification.type)
+                body = dumps(notification)
+                session.add(
+                    db.OutboxRow(
+                        notification_id=notification.notification_id,
+                        event_id=event.event_id,
+                        request_id=event.request_id,
+                        sequence=event.sequence,
+                        position=position,
+                        department=notification.department,
+                        role=notification.role.value,
+                        type=notification.type,
+                        subject=subject,
+                        body=body.decode(),
+                        text=notification.text,
+                        created_at=now,
+                    )
+                )
+                pending.append(_Pending(notification.notification_id, subject, body))
+            await session.flush()
+        return pending, False
+
+    async def _publish_all(self, pending: list[_Pending]) -> None:
+        for item in pending:
+            await self.publish(item.subject, item.body, msg_id=item.notification_id, stream=STREAM_NOTIFY)
+        if pending:
+            # Only an optimisation: a crash before this line means the rows are sent again (and deduplicated).
+            async with self.db.transaction() as session:
+                await db.mark_published(session, [p.notification_id for p in pending], self.clock())
+
+    async def _wait_for_gap(self, msg: Inbound, event: LifecycleEvent, last: int) -> Result:
+        expected = last + 1
+        if self.is_last_delivery(msg):
+            message = (
+                f"request {event.request_id}: sequence {event.sequence} arrived but {expected} never did "
+                f"({msg.num_delivered} deliveries)"
+            )
+            details = {"request_id": event.request_id, "sequence": event.sequence, "expected": expected}
+            await self._dead_letter(msg, "sequence_gap", message, [], event, details)
+            return Result(Outcome.DEAD_LETTERED)
+        delay = gap_delay(msg.num_delivered, self.gap_delay, self.gap_max_delay)
+        log.info(
+            "request %s: %s (sequence %s) arrived before sequence %d; redelivering in %.1fs",
+            event.request_id,
+            event.type,
+            event.sequence,
+            expected,
+            delay,
+        )
+        return Result(Outcome.WAITING, retry_in=delay)
+
+    async def dead_letter_poison(self, msg: Inbound, error: BaseException) -> None:
+        """Called on a message's last allowed delivery when processing keeps failing."""
+        await self._dead_letter(msg, "processing_failed", f"{type(error).__name__}: {error}"[:1000], [])
+
+    async def _dead_letter(
+        self,
+        msg: Inbound,
+        code: str,
+        message: str,
+        errors: list[FieldError],
+        event: LifecycleEvent | None = None,
+        details: dict[str, Any] | None = None,
+    ) -> None:
+        letter = DeadLetter(
+            dead_letter_id=f"dlq-notifier-{msg.stream_sequence}",
+            service=SERVICE,
+            code=code,
+            message=message,
+            errors=errors,
+            original_subject=msg.subject[:256],
+            original_stream_sequence=msg.stream_sequence,
+            original_headers={k: v for k, v in msg.headers.items() if len(k) < 100 and len(v) < 1000},
+            payload=base64.b64encode(msg.data).decode(),
+            event_id=event.event_id if event is not None else None,
+            dead_lettered_at=self.clock(),
+            details=details or {},
+        )
+        log.warning("dead-lettering %s (%s): %s", msg.subject[:128], code, message)
+        await self.publish(dlq_subject(SERVICE, code), dumps(letter), msg_id=letter.dead_letter_id, stream=STREAM_DLQ)
+
+
+def _pending(row: db.OutboxRow) -> _Pending:
+    return _Pending(row.notification_id, row.subject, row.body.encode())
+
+
+# --- FastStream wiring: the one subscription the notifier has ---------------------------------
+
+
+def build_router(
+    processor: NotifierProcessor, *, batch_size: int, fetch_timeout: float, retry_delay: float
+) -> NatsRouter:
+    """The notifier's only subscription: the durable ``notifier`` consumer on ``BATON_EVENTS`` (provisioned).
+
+    A batch subscriber keeps the stream order (FastStream's single-message pull subscriber
+    handles a fetched batch concurrently); every message is acked or naked on its own.
+    """
+    router = NatsRouter()
+
+    @router.subscriber(
+        f"{EVENTS_PREFIX}.>",
+        stream=JStream(STREAM_EVENTS, declare=False),
+        durable=CONSUMER_NOTIFIER,
+        pull_sub=PullSub(batch_size=batch_size, timeout=fetch_timeout, batch=True),
+        ack_policy=AckPolicy.MANUAL,
+        decoder=raw_batch,
+        title="notifier:events",
+        description="The canonical event log (baton.events.<request_id>.<type>), fanned out to departments.",
+    )
+    async def on_events(body: list[bytes], msg: NatsMessage) -> None:
+        raws: list[Msg] = cast("list[Msg]", msg.raw_message)
+        for index, raw in enumerate(raws):
+            inbound = to_inbound(raw)
+            try:
+                with tracer.start_as_current_span(
+                    f"{STREAM_EVENTS} process",
+                    context=propagate.extract(inbound.headers),
+                    kind=trace.SpanKind.CONSUMER,
+                    attributes={
+                        "messaging.system": "nats",
+                        "messaging.operation.type": "process",
+                        "messaging.destination.name": raw.subject[:256],
+                    },
+                ):
+                    result = await processor.process(inbound)
+            except Exception as exc:
+                if processor.is_last_delivery(inbound):
+                    log.exception("giving up on %s after %d deliveries", raw.subject[:128], inbound.num_delivered)
+                    await processor.dead_letter_poison(inbound, exc)
+                    await raw.term()
+                    continue
+                log.exception("processing %s failed; redelivering in %.1fs", raw.subject[:128], retry_delay)
+                # Keep the order: this message and everything after it in the batch come back later.
+                for later in raws[index:]:
+                    await later.nak(delay=retry_delay)
+                return
+            if result.outcome is Outcome.WAITING:
+                await raw.nak(delay=result.retry_in)
+            else:
+                await raw.ack()
+
+    return router
+
+
+async def raw_batch(msg: NatsMessage) -> list[bytes]:
+    """Hand the handler raw bytes: the notifier parses and dead-letters bad JSON itself."""
+    return [m.data for m in cast("list[Msg]", msg.raw_message)]
+
+
+def to_inbound(raw: Msg) -> Inbound:
+    meta = raw.metadata
+    return Inbound(
+        subject=raw.subject,
+        data=raw.data or b"",
+        headers=dict(raw.headers or {}),
+        stream_sequence=meta.sequence.stream,
+        num_delivered=meta.num_delivered,
+    )

@@ -1,0 +1,225 @@
+"""Routing against a real nats-server and a real database: routed once, deduped, poison dead-lettered.
+
+Each test gets a fresh provisioned server (``provisioned_nats``) and database (``make_database_url``:
+SQLite, or PostgreSQL when BATON_TEST_DATABASE_URL is set) and runs the real app under its lifespan.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+import nats
+import orjson
+import pytest
+from fastapi import FastAPI
+from nats.aio.client import Client as NATS
+from nats.js.errors import NotFoundError
+from prometheus_client import CollectorRegistry
+
+from libs.contracts import Catalog, DeadLetter, Routed, parse_event
+from libs.contracts.subjects import CONSUMER_ROUTING, STREAM_DLQ, STREAM_EVENTS, STREAM_IN, event_subject
+from services.routing.app import create_app
+from services.routing.domain import choose_provider, routed_event_id
+from services.routing.handlers import ROUTED_SUBJECT, RoutingProcessor
+from services.routing.settings import RoutingSettings
+from tests.conftest import MakeDatabaseUrl
+
+pytestmark = pytest.mark.integration
+
+T0 = datetime(2026, 11, 24, 9, 30, tzinfo=UTC)
+
+
+def created_doc(request_id: str, **overrides: Any) -> dict[str, Any]:
+    """A canonical ``created`` as intake appends it (with its stamps)."""
+    doc: dict[str, Any] = {
+        "type": "created",
+        "event_id": f"ev-{request_id}",
+        "request_id": request_id,
+        "occurred_at": T0.isoformat(),
+        "actor": {"department": "hr", "person": "Ana"},
+        "title": "Laptop for a new hire",
+        "category": "laptop",
+        "priority": "normal",
+        "requester": {"department": "hr", "person": "Ana"},
+        "sequence": 1,
+        "recorded_at": (T0 + timedelta(seconds=1)).isoformat(),
+        "trace_id": "ab" * 16,
+    }
+    doc.update(overrides)
+    return doc
+
+
+def settings_for(url: str, database_url: str, catalog_path: Path) -> RoutingSettings:
+    return RoutingSettings(
+        nats_url=url,
+        database_url=database_url,
+        catalog_path=str(catalog_path),
+        fetch_timeout=0.05,
+        retry_delay=0.1,
+        graceful_timeout=2.0,
+    )
+
+
+@asynccontextmanager
+async def running(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
+    """The app under its lifespan (broker consuming), with an HTTP client on it."""
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://routing") as client:
+            yield client
+
+
+@pytest.fixture
+async def nc(provisioned_nats: str) -> AsyncIterator[NATS]:
+    client = await nats.connect(provisioned_nats, name="test-routing")
+    yield client
+    await client.close()
+
+
+async def until(check: Callable[[], Awaitable[bool]], what: str, timeout: float = 4.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not await check():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+async def stream_messages(nc: NATS, stream: str) -> list[tuple[str, bytes]]:
+    """Every message currently in ``stream``: (subject, data)."""
+    jsm = nc.jsm()
+    state = (await jsm.stream_info(stream)).state
+    out: list[tuple[str, bytes]] = []
+    for seq in range(state.first_seq, state.last_seq + 1) if state.messages else ():
+        try:
+            msg = await jsm.get_msg(stream, seq)
+        except NotFoundError:
+            continue
+        out.append((str(msg.subject), msg.data or b""))
+    return out
+
+
+def acked_through(nc: NATS, stream_seq: int) -> Callable[[], Awaitable[bool]]:
+    """True once routing's consumer acked everything up to ``stream_seq`` and has nothing pending."""
+
+    async def check() -> bool:
+        info = await nc.jsm().consumer_info(STREAM_EVENTS, CONSUMER_ROUTING)
+        return info.ack_floor.stream_seq >= stream_seq and info.num_ack_pending == 0
+
+    return check
+
+
+def count(app: FastAPI, outcome: str) -> float:
+    registry: CollectorRegistry = app.state.registry
+    return registry.get_sample_value("baton_routing_messages_total", {"outcome": outcome}) or 0.0
+
+
+async def publish_canonical(nc: NATS, subject: str, body: bytes, msg_id: str) -> int:
+    ack = await nc.jetstream().publish(subject, body, stream=STREAM_EVENTS, headers={"Nats-Msg-Id": msg_id})
+    return int(ack.seq)
+
+
+async def test_created_is_routed_once_and_redelivery_republishes_the_same_bytes(
+    provisioned_nats: str,
+    nc: NATS,
+    make_database_url: MakeDatabaseUrl,
+    catalog_path: Path,
+    catalog: Catalog,
+) -> None:
+    app = create_app(settings_for(provisioned_nats, make_database_url("routing"), catalog_path))
+    doc = created_doc("REQ-NATS0001")
+    body = orjson.dumps(doc)
+    subject = event_subject(doc["request_id"], "created")
+    expected_provider, expected_rule, _ = choose_provider(catalog, "laptop", None)
+
+    async with running(app) as client:
+        ready = await client.get("/readyz")
+        assert ready.status_code == 200, ready.text
+
+        seq = await publish_canonical(nc, subject, body, doc["event_id"])
+        await until(acked_through(nc, seq), "the created event to be acked")
+        routed_msgs = await stream_messages(nc, STREAM_IN)
+        assert [s for s, _ in routed_msgs] == [ROUTED_SUBJECT]
+        routed = parse_event(routed_msgs[0][1])
+        assert isinstance(routed, Routed)
+        assert routed.event_id == routed_event_id(doc["event_id"])
+        assert (routed.provider_department, routed.rule) == (expected_provider.slug, expected_rule)
+        assert routed.caused_by == doc["event_id"]
+        assert routed.sequence is None and routed.recorded_at is None and routed.trace_id is None
+
+        # The same canonical event again, under another Nats-Msg-Id: a redelivery as routing sees it.
+        seq = await publish_canonical(nc, subject, body, doc["event_id"] + "-again")
+        await until(acked_through(nc, seq), "the duplicate to be acked")
+        assert count(app, "republished") == 1
+        assert count(app, "routed") == 1
+        assert await stream_messages(nc, STREAM_IN) == routed_msgs  # deduped by Nats-Msg-Id, same bytes
+
+        decisions = (await client.get(f"/v1/requests/{doc['request_id']}/routing")).json()["decisions"]
+        assert len(decisions) == 1
+        assert orjson.dumps(decisions[0]["event"]) == routed_msgs[0][1]
+
+
+async def test_poison_is_dead_lettered_and_does_not_block_the_next_message(
+    provisioned_nats: str, nc: NATS, make_database_url: MakeDatabaseUrl, catalog_path: Path
+) -> None:
+    app = create_app(settings_for(provisioned_nats, make_database_url("routing"), catalog_path))
+    garbage = b"\x00not json{"
+    good = created_doc("REQ-NATS0002", category="invoice")
+
+    async with running(app):
+        poison_seq = await publish_canonical(nc, "baton.events.REQ-NATS0002.created", garbage, "poison-1")
+        seq = await publish_canonical(nc, event_subject(good["request_id"], "created"), orjson.dumps(good), "good-1")
+        await until(acked_through(nc, seq), "both messages to be acked")
+        assert count(app, "dead_lettered") == 1
+
+    dead = await stream_messages(nc, STREAM_DLQ)
+    assert [s for s, _ in dead] == ["baton.dlq.routing.malformed_json"]
+    letter = DeadLetter.model_validate_json(dead[0][1])
+    assert base64.b64decode(letter.payload) == garbage
+    assert letter.original_stream_sequence == poison_seq
+    assert letter.service == "routing"
+    routed = [parse_event(data) for _, data in await stream_messages(nc, STREAM_IN)]
+    assert [r.request_id for r in routed] == [good["request_id"]]
+
+
+async def test_publish_failure_after_commit_is_retried_with_the_stored_event(
+    provisioned_nats: str, nc: NATS, make_database_url: MakeDatabaseUrl, catalog_path: Path
+) -> None:
+    app = create_app(settings_for(provisioned_nats, make_database_url("routing"), catalog_path))
+    processor: RoutingProcessor = app.state.processor
+    real_publish = processor.publish
+    failures = [TimeoutError("no PubAck (injected)")]
+
+    async def flaky_publish(subject: str, body: bytes, *, msg_id: str, stream: str) -> None:
+        if subject == ROUTED_SUBJECT and failures:
+            raise failures.pop()
+        await real_publish(subject, body, msg_id=msg_id, stream=stream)
+
+    processor.publish = flaky_publish
+    doc = created_doc("REQ-NATS0003")
+
+    async with running(app) as client:
+        seq = await publish_canonical(nc, event_subject(doc["request_id"], "created"), orjson.dumps(doc), "c-3")
+        await until(acked_through(nc, seq), "the created event to be acked after its redelivery")
+        assert (count(app, "retried"), count(app, "republished"), count(app, "routed")) == (1, 1, 0)
+        stored = (await client.get(f"/v1/requests/{doc['request_id']}/routing")).json()["decisions"][0]["event"]
+
+    routed_msgs = await stream_messages(nc, STREAM_IN)
+    assert len(routed_msgs) == 1
+    assert routed_msgs[0][1] == orjson.dumps(stored)  # the event decided before the failure, not a new one
+
+
+async def test_startup_fails_clearly_without_the_provisioned_consumer(
+    nats_server: Any, make_database_url: MakeDatabaseUrl, catalog_path: Path
+) -> None:
+    app = create_app(settings_for(nats_server.url, make_database_url("routing"), catalog_path))
+    with pytest.raises(RuntimeError, match="run `baton provision` first"):
+        async with app.router.lifespan_context(app):
+            pass  # pragma: no cover
+    await app.state.database.close()
