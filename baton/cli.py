@@ -145,7 +145,7 @@ async def _tail(department: str, nats_url: str, since: str | None) -> None:
         while True:
             try:
                 msgs = await sub.fetch(50, timeout=2)
-            except nats.errors.TimeoutError:
+            except TimeoutError:
                 continue
             for msg in msgs:
                 note = orjson.loads(msg.data)

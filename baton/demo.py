@@ -148,7 +148,7 @@ class Demo:
         while True:
             try:
                 msgs = await sub.fetch(20, timeout=1.0)
-            except nats.errors.TimeoutError:
+            except TimeoutError:
                 continue
             for msg in msgs:
                 await msg.ack()

@@ -21,6 +21,7 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from prometheus_client import CollectorRegistry, make_asgi_app
 from starlette.responses import JSONResponse
 
+from libs.contracts import Catalog
 from libs.contracts.envelope import ID_PATTERN
 from libs.contracts.subjects import CONSUMER_NOTIFIER, STREAM_EVENTS
 
@@ -53,11 +54,14 @@ async def require_consumer(servers: list[str], stream: str, durable: str) -> Non
         await nc.close()
 
 
-def create_app(settings: NotifierSettings, *, tracer_provider: TracerProvider | None = None) -> FastAPI:
+def create_app(
+    settings: NotifierSettings, *, catalog: Catalog | None = None, tracer_provider: TracerProvider | None = None
+) -> FastAPI:
+    """The notifier service; ``catalog`` overrides reading ``settings.catalog_path`` (tests)."""
     tracer_provider = tracer_provider or make_tracer_provider(SERVICE_NAME)
     registry = CollectorRegistry()
     servers = [s.strip() for s in settings.nats_url.split(",") if s.strip()]
-    directory = Directory(load_catalog(settings.catalog_path))
+    directory = Directory(catalog if catalog is not None else load_catalog(settings.catalog_path))
 
     broker = NatsBroker(
         servers,

@@ -92,6 +92,7 @@ def create_app(
             fetch_timeout=settings.fetch_timeout,
             retry_delay=settings.retry_delay,
             metrics=metrics,
+            tracer=tracer_provider.get_tracer("baton.routing"),
         )
     )
 

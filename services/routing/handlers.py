@@ -52,7 +52,7 @@ from . import db
 from .domain import build_routed, decide
 
 log = logging.getLogger("baton.routing")
-tracer = trace.get_tracer("baton.routing")
+default_tracer = trace.get_tracer("baton.routing")
 
 SERVICE = "routing"
 ROUTED_SUBJECT = service_subject(SERVICE, "routed")
@@ -226,14 +226,18 @@ def build_router(
     fetch_timeout: float,
     retry_delay: float,
     metrics: RoutingMetrics | None = None,
+    tracer: trace.Tracer | None = None,
 ) -> NatsRouter:
     """Routing's only subscription: the durable ``routing`` consumer on ``BATON_EVENTS`` (provisioned by Baton).
 
     A batch subscriber keeps the stream order (FastStream's single-message pull subscriber
     handles a fetched batch concurrently); every message is acked or naked on its own.
+    Each message is processed in a consumer span continuing the trace its headers carry
+    (``tracer``: from the service's own provider, else the global one).
     """
     router = NatsRouter()
     spec = next(c for c in SERVICE_CONSUMERS if c.durable == CONSUMER_ROUTING)
+    span_tracer = tracer or default_tracer
 
     def count(outcome: str) -> None:
         if metrics is not None:
@@ -254,7 +258,7 @@ def build_router(
         for index, raw in enumerate(raws):
             inbound = to_inbound(raw)
             try:
-                with tracer.start_as_current_span(
+                with span_tracer.start_as_current_span(
                     f"{STREAM_EVENTS} process",
                     context=propagate.extract(inbound.headers),
                     kind=trace.SpanKind.CONSUMER,

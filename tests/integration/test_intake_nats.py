@@ -91,7 +91,7 @@ async def read_stream(nc: NATS, stream: str, subject: str, expect: int, within: 
             while True:
                 try:
                     msgs = await sub.fetch(100, timeout=0.3)
-                except nats.errors.TimeoutError:
+                except TimeoutError:
                     break
                 got.extend(msgs)
         finally:

@@ -21,6 +21,9 @@ import pytest
 from fastapi import FastAPI
 from nats.aio.client import Client as NATS
 from nats.js.errors import NotFoundError
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from prometheus_client import CollectorRegistry
 
 from libs.contracts import Catalog, DeadLetter, Routed, parse_event
@@ -110,7 +113,7 @@ def acked_through(nc: NATS, stream_seq: int) -> Callable[[], Awaitable[bool]]:
 
     async def check() -> bool:
         info = await nc.jsm().consumer_info(STREAM_EVENTS, CONSUMER_ROUTING)
-        return info.ack_floor.stream_seq >= stream_seq and info.num_ack_pending == 0
+        return bool(info.ack_floor.stream_seq >= stream_seq and info.num_ack_pending == 0)
 
     return check
 
@@ -151,7 +154,7 @@ async def test_created_is_routed_once_and_redelivery_republishes_the_same_bytes(
         assert routed.event_id == routed_event_id(doc["event_id"])
         assert (routed.provider_department, routed.rule) == (expected_provider.slug, expected_rule)
         assert routed.caused_by == doc["event_id"]
-        assert routed.sequence is None and routed.recorded_at is None and routed.trace_id is None
+        assert (routed.sequence, routed.recorded_at, routed.trace_id) == (None, None, None)
 
         # The same canonical event again, under another Nats-Msg-Id: a redelivery as routing sees it.
         seq = await publish_canonical(nc, subject, body, doc["event_id"] + "-again")
@@ -213,6 +216,34 @@ async def test_publish_failure_after_commit_is_retried_with_the_stored_event(
     routed_msgs = await stream_messages(nc, STREAM_IN)
     assert len(routed_msgs) == 1
     assert routed_msgs[0][1] == orjson.dumps(stored)  # the event decided before the failure, not a new one
+
+
+async def test_routed_continues_the_trace_of_the_created_event(
+    provisioned_nats: str, nc: NATS, make_database_url: MakeDatabaseUrl, catalog_path: Path
+) -> None:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    settings = settings_for(provisioned_nats, make_database_url("routing"), catalog_path)
+    app = create_app(settings, tracer_provider=provider)
+    trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
+    doc = created_doc("REQ-NATS0004", trace_id=trace_id)
+    headers = {"Nats-Msg-Id": doc["event_id"], "traceparent": f"00-{trace_id}-00f067aa0ba902b7-01"}
+
+    async with running(app):
+        ack = await nc.jetstream().publish(
+            event_subject(doc["request_id"], "created"), orjson.dumps(doc), stream=STREAM_EVENTS, headers=headers
+        )
+        await until(acked_through(nc, ack.seq), "the created event to be acked")
+        routed = await nc.jsm().get_msg(STREAM_IN, 1)
+        spans = exporter.get_finished_spans()
+
+    assert routed.headers is not None
+    assert routed.headers["traceparent"].split("-")[1] == trace_id
+    process = [s for s in spans if s.name == f"{STREAM_EVENTS} process"]
+    assert len(process) == 1
+    assert process[0].context is not None
+    assert format(process[0].context.trace_id, "032x") == trace_id
 
 
 async def test_startup_fails_clearly_without_the_provisioned_consumer(

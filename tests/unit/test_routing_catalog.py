@@ -42,7 +42,7 @@ def test_invalid_field_names_file_and_field(tmp_path: Path) -> None:
 
 def test_missing_file_is_named(tmp_path: Path) -> None:
     path = tmp_path / "absent.yaml"
-    with pytest.raises(CatalogError, match="absent.yaml"):
+    with pytest.raises(CatalogError, match=r"absent\.yaml"):
         load_catalog(path)
 
 

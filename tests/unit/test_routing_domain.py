@@ -113,9 +113,7 @@ def test_fallback_explains_the_ignored_explicit_provider() -> None:
 def test_fallback_with_an_unknown_explicit_provider() -> None:
     _, rule, reason = choose_provider(CATALOG, "catering", "nowhere")
     assert rule == RULE_FALLBACK
-    assert reason == (
-        "requested provider nowhere is not in the catalog; fallback to triage department service-desk"
-    )
+    assert reason == ("requested provider nowhere is not in the catalog; fallback to triage department service-desk")
 
 
 def test_explicit_fallback_department_still_needs_to_serve_the_category() -> None:
@@ -147,7 +145,8 @@ def test_deadlines_are_wall_clock_in_utc_whatever_the_input_offset() -> None:
     accept_by, resolve_by = sla_deadlines(it, Priority.NORMAL, start)
     assert accept_by == datetime(2026, 11, 27, 20, 0, tzinfo=UTC)
     assert resolve_by == datetime(2026, 11, 30, 16, 0, tzinfo=UTC)
-    assert accept_by is not None and accept_by.utcoffset() == timedelta(0)
+    assert accept_by is not None
+    assert accept_by.utcoffset() == timedelta(0)
 
 
 # --- the routed event -----------------------------------------------------------------
@@ -174,5 +173,6 @@ def test_build_routed_carries_the_decision_and_no_intake_stamps() -> None:
     assert routed.resolve_by == T0 + timedelta(days=7)
     assert (routed.sequence, routed.recorded_at, routed.trace_id) == (None, None, None)
     body = dumps(routed)
-    assert b'"sequence"' not in body and b'"recorded_at"' not in body and b'"trace_id"' not in body
+    for stamped in (b'"sequence"', b'"recorded_at"', b'"trace_id"'):
+        assert stamped not in body
     assert parse_event(body) == routed  # round-trips through the contract
