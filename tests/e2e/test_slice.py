@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import re
+import sys
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
@@ -252,3 +254,25 @@ async def test_second_baton_up_resumes_with_the_data_intact(tmp_path: Path, cata
         await conn.close()
     finally:
         await second.stop()
+
+
+async def test_the_contract_doc_example_runs(stack: Stack, nc: NATS, tmp_path: Path) -> None:
+    """docs/contract.md promises a copy-paste nats-py example: run it, verbatim but for the URL."""
+    doc = (Path(__file__).parents[2] / "docs" / "contract.md").read_text()
+    code = doc.split("```python\n", 1)[1].split("```", 1)[0]
+    assert 'NATS_URL = "nats://127.0.0.1:14222"' in code
+    script = tmp_path / "example.py"
+    script.write_text(code.replace("nats://127.0.0.1:14222", stack.nats_url))
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, str(script), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
+    )
+    out, _ = await asyncio.wait_for(proc.communicate(), 60)
+    text = out.decode()
+    assert proc.returncode == 0, text
+    assert "created stored as BATON_IN" in text
+    assert "accepted stored as BATON_IN" in text
+    found = re.findall(r"\(?(REQ-[0-9A-F]{8})\)?", text)
+    assert found, text
+    rid = found[-1]
+    line = await timeline(stack, rid, 3)
+    assert [e["type"] for e in line["events"]] == ["created", "routed", "accepted"]
