@@ -161,7 +161,9 @@ class ConsumerSpec:
     durable: str
     description: str
     filter_subjects: tuple[str, ...] = ()
-    max_deliver: int = 10
+    #: Deliveries before a message is dead-lettered. Handlers nak transient failures with an
+    #: exponential delay capped at 30 s, so 60 deliveries ride out about 25 minutes of outage.
+    max_deliver: int = 60
     #: Redelivery after this long without an ack (a crashed or stuck consumer).
     ack_wait_seconds: float = 15.0
     max_ack_pending: int = 1000

@@ -51,6 +51,7 @@ from .domain import Checked, Refusal, Rejected, RequestState, check_inbound, dec
 log = logging.getLogger("baton.intake")
 
 SERVICE = "intake"
+MAX_RETRY_DELAY = 30.0
 
 
 class Publish(Protocol):
@@ -313,14 +314,20 @@ def build_router(
                     await processor.dead_letter_poison(inbound, exc)
                     await raw.term()
                     continue
-                log.exception("processing %s failed; redelivering in %.1fs", raw.subject[:128], retry_delay)
+                delay = backoff_delay(retry_delay, inbound.num_delivered)
+                log.exception("processing %s failed; redelivering in %.1fs", raw.subject[:128], delay)
                 # Keep the order: this message and everything after it in the batch come back later.
                 for later in raws[index:]:
-                    await later.nak(delay=retry_delay)
+                    await later.nak(delay=delay)
                 return
             await raw.ack()
 
     return router
+
+
+def backoff_delay(base: float, num_delivered: int, cap: float = MAX_RETRY_DELAY) -> float:
+    """Exponential redelivery delay: base, 2*base, 4*base, ... capped (a database outage is waited out)."""
+    return float(min(base * 2 ** max(num_delivered - 1, 0), cap))
 
 
 async def raw_batch(msg: NatsMessage) -> list[bytes]:

@@ -25,10 +25,10 @@ from libs.contracts import Catalog
 from libs.contracts.envelope import ID_PATTERN
 from libs.contracts.subjects import CONSUMER_NOTIFIER, STREAM_EVENTS
 
-from . import db
+from . import compat, db
 from .catalog import load_catalog
 from .domain import Directory
-from .handlers import CONSUMER_SPEC, NotifierProcessor, build_router
+from .handlers import CONSUMER_SPEC, NotifierMetrics, NotifierProcessor, build_router
 from .settings import NotifierSettings
 
 SERVICE_NAME = "baton-notifier"
@@ -62,6 +62,7 @@ def create_app(
     registry = CollectorRegistry()
     servers = [s.strip() for s in settings.nats_url.split(",") if s.strip()]
     directory = Directory(catalog if catalog is not None else load_catalog(settings.catalog_path))
+    compat.install()  # nats-py/FastStream timeout mismatch that would stall the batch subscriber (see compat.py)
 
     broker = NatsBroker(
         servers,
@@ -80,6 +81,7 @@ def create_app(
     async def publish(subject: str, body: bytes, *, msg_id: str, stream: str) -> None:
         await broker.publish(body, subject, headers={"Nats-Msg-Id": msg_id}, stream=stream, timeout=10)
 
+    metrics = NotifierMetrics(registry)
     processor = NotifierProcessor(
         database,
         publish,
@@ -87,6 +89,7 @@ def create_app(
         max_deliver=CONSUMER_SPEC.max_deliver,
         gap_delay=settings.gap_delay,
         gap_max_delay=settings.gap_max_delay,
+        metrics=metrics,
     )
     broker.include_router(
         build_router(
@@ -94,6 +97,8 @@ def create_app(
             batch_size=settings.fetch_batch,
             fetch_timeout=settings.fetch_timeout,
             retry_delay=settings.retry_delay,
+            metrics=metrics,
+            tracer=tracer_provider.get_tracer("baton.notifier"),
         )
     )
 

@@ -31,6 +31,7 @@ from faststream.middlewares import AckPolicy
 from faststream.nats import JStream, NatsMessage, NatsRouter, PullSub
 from nats.aio.msg import Msg
 from opentelemetry import propagate, trace
+from prometheus_client import CollectorRegistry, Counter
 from pydantic import ValidationError
 from sqlalchemy.exc import IntegrityError
 
@@ -51,7 +52,7 @@ from . import db
 from .domain import Directory, Order, Poison, check_event, gap_delay, order, plan
 
 log = logging.getLogger("baton.notifier")
-tracer = trace.get_tracer("baton.notifier")
+default_tracer = trace.get_tracer("baton.notifier")
 
 SERVICE = "notifier"
 #: The provisioned consumer this service reads (its max_deliver decides the last delivery).
@@ -62,6 +63,26 @@ class Publish(Protocol):
     """Publish ``body`` to ``subject`` on ``stream`` with ``Nats-Msg-Id``; returns once the PubAck arrived."""
 
     def __call__(self, subject: str, body: bytes, *, msg_id: str, stream: str) -> Awaitable[None]: ...
+
+
+class NotifierMetrics:
+    """The notifier's own Prometheus counters (FastStream's middleware counts messages and latency)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.messages = Counter(
+            "baton_notifier_messages",
+            "Canonical events handled by the notifier, by outcome: applied, republished, waiting (arrived before "
+            "an earlier event of its request; naked), dead_lettered, retried (naked after an error), gave_up "
+            "(dead-lettered after the last delivery), lost.",
+            ["outcome"],
+            registry=registry,
+        )
+        self.notifications = Counter(
+            "baton_notifier_notifications",
+            "Notifications written to the outbox (each published at least once), by event type and recipient role.",
+            ["type", "role"],
+            registry=registry,
+        )
 
 
 class Outcome(StrEnum):
@@ -113,6 +134,7 @@ class NotifierProcessor:
         max_deliver: int = CONSUMER_SPEC.max_deliver,
         gap_delay: float = 0.5,
         gap_max_delay: float = 30.0,
+        metrics: NotifierMetrics | None = None,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
         self.db = database
@@ -121,6 +143,7 @@ class NotifierProcessor:
         self.max_deliver = max_deliver
         self.gap_delay = gap_delay
         self.gap_max_delay = gap_max_delay
+        self.metrics = metrics
         self.clock = clock
 
     def is_last_delivery(self, msg: Inbound) -> bool:
@@ -194,6 +217,7 @@ class NotifierProcessor:
                 )
             )
             pending: list[_Pending] = []
+            counted: list[tuple[str, str]] = []
             for position, notification in enumerate(planned.notifications):
                 subject = notify_subject(notification.department, notification.type)
                 body = dumps(notification)
@@ -214,7 +238,11 @@ class NotifierProcessor:
                     )
                 )
                 pending.append(_Pending(notification.notification_id, subject, body))
+                counted.append((notification.type, notification.role.value))
             await session.flush()
+        if self.metrics is not None:
+            for kind, role in counted:
+                self.metrics.notifications.labels(kind, role).inc()
         return pending, False
 
     async def _publish_all(self, pending: list[_Pending]) -> None:
@@ -285,14 +313,27 @@ def _pending(row: db.OutboxRow) -> _Pending:
 
 
 def build_router(
-    processor: NotifierProcessor, *, batch_size: int, fetch_timeout: float, retry_delay: float
+    processor: NotifierProcessor,
+    *,
+    batch_size: int,
+    fetch_timeout: float,
+    retry_delay: float,
+    metrics: NotifierMetrics | None = None,
+    tracer: trace.Tracer | None = None,
 ) -> NatsRouter:
     """The notifier's only subscription: the durable ``notifier`` consumer on ``BATON_EVENTS`` (provisioned).
 
     A batch subscriber keeps the stream order (FastStream's single-message pull subscriber
     handles a fetched batch concurrently); every message is acked or naked on its own.
+    Each message is processed in a consumer span continuing the trace its headers carry
+    (``tracer``: from the service's own provider, else the global one).
     """
     router = NatsRouter()
+    span_tracer = tracer or default_tracer
+
+    def count(outcome: str) -> None:
+        if metrics is not None:
+            metrics.messages.labels(outcome).inc()
 
     @router.subscriber(
         f"{EVENTS_PREFIX}.>",
@@ -309,7 +350,7 @@ def build_router(
         for index, raw in enumerate(raws):
             inbound = to_inbound(raw)
             try:
-                with tracer.start_as_current_span(
+                with span_tracer.start_as_current_span(
                     f"{STREAM_EVENTS} process",
                     context=propagate.extract(inbound.headers),
                     kind=trace.SpanKind.CONSUMER,
@@ -317,24 +358,36 @@ def build_router(
                         "messaging.system": "nats",
                         "messaging.operation.type": "process",
                         "messaging.destination.name": raw.subject[:256],
+                        "messaging.consumer.group.name": CONSUMER_NOTIFIER,
                     },
                 ):
                     result = await processor.process(inbound)
             except Exception as exc:
                 if processor.is_last_delivery(inbound):
                     log.exception("giving up on %s after %d deliveries", raw.subject[:128], inbound.num_delivered)
-                    await processor.dead_letter_poison(inbound, exc)
+                    try:
+                        await processor.dead_letter_poison(inbound, exc)
+                    except Exception:
+                        # No delivery left and no dead letter either: logged here, the rest of the batch comes back.
+                        log.exception("dead-lettering %s failed; the message is lost", raw.subject[:128])
+                        for later in raws[index + 1 :]:
+                            await later.nak(delay=retry_delay)
+                        count("lost")
+                        return
                     await raw.term()
+                    count("gave_up")
                     continue
                 log.exception("processing %s failed; redelivering in %.1fs", raw.subject[:128], retry_delay)
                 # Keep the order: this message and everything after it in the batch come back later.
                 for later in raws[index:]:
                     await later.nak(delay=retry_delay)
+                count("retried")
                 return
             if result.outcome is Outcome.WAITING:
                 await raw.nak(delay=result.retry_in)
             else:
                 await raw.ack()
+            count(result.outcome.value)
 
     return router
 

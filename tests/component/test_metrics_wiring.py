@@ -150,6 +150,9 @@ async def test_http_problems(harness: Harness) -> None:
     assert bad.headers["content-type"] == "application/problem+json"
     assert (await harness.http.get("/v1/requests", params={"department": "Not A Slug"})).status_code == 422
     assert (await harness.http.get("/healthz")).json() == {"status": "ok"}
+    schema = harness.app.openapi()
+    assert "/v1/requests/{request_id}/timeline" in schema["paths"]
+    assert "from" in schema["components"]["schemas"]["Hold"]["properties"]
 
 
 async def test_requests_list_by_department(harness: Harness) -> None:

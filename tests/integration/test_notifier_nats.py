@@ -71,16 +71,21 @@ async def publish_event(nc: NATS, event: LifecycleEvent, msg_id: str | None = No
 
 
 async def settle(nc: NATS, within: float = 4.0) -> None:
-    """Wait until the notifier consumer has been handed everything and acked it all."""
+    """Wait until the notifier has acked every message now in BATON_EVENTS.
+
+    The consumer's ack floor, not its ``num_pending``: the server updates the pending count
+    asynchronously, so right after a PubAck it can still read 0.
+    """
     jsm = nc.jsm()
+    last = (await jsm.stream_info(STREAM_EVENTS)).state.last_seq
     deadline = asyncio.get_running_loop().time() + within
     while True:
         info = await jsm.consumer_info(STREAM_EVENTS, CONSUMER_NOTIFIER)
-        if info.num_pending == 0 and info.num_ack_pending == 0:
+        if info.ack_floor.stream_seq >= last and info.num_ack_pending == 0:
             return
         if asyncio.get_running_loop().time() > deadline:
             raise AssertionError(f"notifier consumer not settled after {within}s: {info}")
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(0.02)
 
 
 @dataclass(frozen=True)

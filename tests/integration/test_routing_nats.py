@@ -27,7 +27,14 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from prometheus_client import CollectorRegistry
 
 from libs.contracts import Catalog, DeadLetter, Routed, parse_event
-from libs.contracts.subjects import CONSUMER_ROUTING, STREAM_DLQ, STREAM_EVENTS, STREAM_IN, event_subject
+from libs.contracts.subjects import (
+    CONSUMER_ROUTING,
+    SERVICE_CONSUMERS,
+    STREAM_DLQ,
+    STREAM_EVENTS,
+    STREAM_IN,
+    event_subject,
+)
 from services.routing.app import create_app
 from services.routing.domain import choose_provider, routed_event_id
 from services.routing.handlers import ROUTED_SUBJECT, RoutingProcessor
@@ -216,6 +223,35 @@ async def test_publish_failure_after_commit_is_retried_with_the_stored_event(
     routed_msgs = await stream_messages(nc, STREAM_IN)
     assert len(routed_msgs) == 1
     assert routed_msgs[0][1] == orjson.dumps(stored)  # the event decided before the failure, not a new one
+
+
+async def test_a_message_failing_every_delivery_is_dead_lettered_on_the_last(
+    provisioned_nats: str, nc: NATS, make_database_url: MakeDatabaseUrl, catalog_path: Path
+) -> None:
+    app = create_app(settings_for(provisioned_nats, make_database_url("routing"), catalog_path))
+    processor: RoutingProcessor = app.state.processor
+    real_publish = processor.publish
+
+    async def broken_publish(subject: str, body: bytes, *, msg_id: str, stream: str) -> None:
+        if subject == ROUTED_SUBJECT:
+            raise TimeoutError("no PubAck (injected, every time)")
+        await real_publish(subject, body, msg_id=msg_id, stream=stream)
+
+    processor.publish = broken_publish
+    doc = created_doc("REQ-NATS0005")
+    max_deliver = next(c.max_deliver for c in SERVICE_CONSUMERS if c.durable == CONSUMER_ROUTING)
+
+    async with running(app):
+        seq = await publish_canonical(nc, event_subject(doc["request_id"], "created"), orjson.dumps(doc), "c-5")
+        await until(acked_through(nc, seq), "the message to be given up", timeout=max_deliver * 0.5)
+        assert (count(app, "retried"), count(app, "gave_up")) == (max_deliver - 1, 1)
+
+    (dead,) = await stream_messages(nc, STREAM_DLQ)
+    assert dead[0] == "baton.dlq.routing.processing_failed"
+    letter = DeadLetter.model_validate_json(dead[1])
+    assert letter.event_id == doc["event_id"]
+    assert "no PubAck" in letter.message
+    assert await stream_messages(nc, STREAM_IN) == []
 
 
 async def test_routed_continues_the_trace_of_the_created_event(
