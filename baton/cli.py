@@ -81,8 +81,7 @@ async def _up(config: StackConfig, demo: bool, demo_interval: float) -> int:
     typer.echo("\nStopping Baton ...")
     if demo_task is not None:
         demo_task.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await demo_task
+        await asyncio.wait({demo_task}, timeout=10)
     await stack.stop()
     typer.echo("Stopped cleanly.")
     return 0

@@ -117,9 +117,9 @@ class Demo:
             provider_loop.cancel()
             for task in list(self._tasks):
                 task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await provider_loop
-            await nc.drain()
+            await asyncio.gather(provider_loop, *self._tasks, return_exceptions=True)
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(nc.close(), 5)
 
     async def _publish(self, js: Any, dept: str, event: dict[str, Any]) -> None:
         await js.publish(

@@ -123,13 +123,14 @@ def create_app(settings: IntakeSettings, *, tracer_provider: TracerProvider | No
             if row is None:
                 raise HTTPException(404, f"request {request_id} not found")
             events = await db.request_events(session, request_id)
+        state = row.to_state()
         return {
             "request_id": row.request_id,
             "state": row.state,
             "requester_department": row.requester_department,
             "holder_department": row.holder_department,
             "sequence": row.last_sequence,
-            "eta": row.eta.isoformat() if row.eta else None,
+            "eta": state.eta.isoformat() if state.eta else None,
             "delay_count": row.delay_count,
             "title": row.title,
             "trace_id": row.trace_id,

@@ -13,7 +13,9 @@ Delivery rules (see docs/architecture.md):
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
@@ -21,12 +23,13 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Protocol, cast
 
+import nats.errors
 from faststream.middlewares import AckPolicy
 from faststream.nats import JStream, NatsMessage, NatsRouter, PullSub
 from nats.aio.msg import Msg
 from opentelemetry import propagate, trace
 from sqlalchemy import select
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from libs.contracts import DeadLetter, LifecycleEvent, Rejection, dumps
@@ -52,6 +55,20 @@ log = logging.getLogger("baton.intake")
 
 SERVICE = "intake"
 MAX_RETRY_DELAY = 30.0
+#: In-place retries of a transient failure before falling back to a delayed redelivery (~5 minutes).
+IN_PLACE_ATTEMPTS = 30
+#: Must stay below the consumer's ack_wait: each retry first signals "in progress".
+MAX_IN_PLACE_DELAY = 10.0
+#: Failures worth waiting out: the database or NATS is briefly unreachable.
+TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
+    OperationalError,
+    InterfaceError,
+    TimeoutError,
+    ConnectionError,
+    nats.errors.ConnectionClosedError,
+    nats.errors.NoServersError,
+    nats.errors.TimeoutError,
+)
 
 
 class Publish(Protocol):
@@ -296,33 +313,59 @@ def build_router(
         raws: list[Msg] = cast("list[Msg]", msg.raw_message)
         for index, raw in enumerate(raws):
             inbound = to_inbound(raw)
-            try:
-                with tracer.start_as_current_span(
-                    f"{STREAM_IN} process",
-                    context=propagate.extract(inbound.headers),
-                    kind=trace.SpanKind.CONSUMER,
-                    attributes={
-                        "messaging.system": "nats",
-                        "messaging.operation.type": "process",
-                        "messaging.destination.name": raw.subject[:256],
-                    },
-                ):
-                    await processor.process(inbound)
-            except Exception as exc:
-                if inbound.num_delivered >= spec.max_deliver:
-                    log.exception("giving up on %s after %d deliveries", raw.subject[:128], inbound.num_delivered)
-                    await processor.dead_letter_poison(inbound, exc)
-                    await raw.term()
-                    continue
-                delay = backoff_delay(retry_delay, inbound.num_delivered)
-                log.exception("processing %s failed; redelivering in %.1fs", raw.subject[:128], delay)
-                # Keep the order: this message and everything after it in the batch come back later.
-                for later in raws[index:]:
-                    await later.nak(delay=delay)
-                return
-            await raw.ack()
+            settled = await _process_in_place(processor, tracer, raw, inbound, retry_delay)
+            if settled:
+                continue
+            # Not transient (a bug, or a dependency down for minutes): let JetStream redeliver later,
+            # this message and everything after it in the batch, so that the order is kept.
+            if inbound.num_delivered >= spec.max_deliver:
+                log.error("giving up on %s after %d deliveries", raw.subject[:128], inbound.num_delivered)
+                await processor.dead_letter_poison(inbound, RuntimeError("processing kept failing"))
+                await raw.term()
+                continue
+            delay = backoff_delay(retry_delay, inbound.num_delivered)
+            for later in raws[index:]:
+                await later.nak(delay=delay)
+            return
 
     return router
+
+
+async def _process_in_place(
+    processor: IntakeProcessor, tracer: trace.Tracer, raw: Msg, inbound: Inbound, retry_delay: float
+) -> bool:
+    """Process one message, retrying transient failures *in place* (True = settled and acked).
+
+    Intake feeds one ordered log: if it nak'd a message on a short database outage, a later event
+    of the same request could overtake it and be refused. So transient errors are retried here,
+    holding the batch and telling JetStream the message is still in progress.
+    """
+    for attempt in range(1, IN_PLACE_ATTEMPTS + 1):
+        try:
+            with tracer.start_as_current_span(
+                f"{STREAM_IN} process",
+                context=propagate.extract(inbound.headers),
+                kind=trace.SpanKind.CONSUMER,
+                attributes={
+                    "messaging.system": "nats",
+                    "messaging.operation.type": "process",
+                    "messaging.destination.name": raw.subject[:256],
+                },
+            ):
+                await processor.process(inbound)
+        except TRANSIENT_ERRORS as exc:
+            delay = min(backoff_delay(retry_delay, attempt), MAX_IN_PLACE_DELAY)
+            log.warning("transient failure on %s (%s); retry %d in %.1fs", raw.subject[:128], exc, attempt, delay)
+            with contextlib.suppress(Exception):
+                await raw.in_progress()
+            await asyncio.sleep(delay)
+            continue
+        except Exception:
+            log.exception("processing %s failed", raw.subject[:128])
+            return False
+        await raw.ack()
+        return True
+    return False
 
 
 def backoff_delay(base: float, num_delivered: int, cap: float = MAX_RETRY_DELAY) -> float:

@@ -8,7 +8,8 @@ Delivery rules:
   subject does not match, or its sequence is taken by another event) is dead-lettered on
   ``baton.dlq.metrics.<code>`` and acked: it never loops;
 * an unexpected error (database down, DLQ publish refused) naks the message and the rest of
-  its batch with a delay; on its last allowed delivery it is dead-lettered and terminated.
+  its batch with an exponential delay (``retry_delay`` doubled per delivery, capped at 30 s);
+  on its last allowed delivery (the consumer's ``max_deliver``) it is dead-lettered and terminated.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ log = logging.getLogger("baton.metrics")
 tracer = trace.get_tracer("baton.metrics")
 
 SERVICE = "metrics"
+MAX_RETRY_DELAY = 30.0
 
 
 class Publish(Protocol):
@@ -190,14 +192,20 @@ def build_router(
                     await processor.dead_letter_poison(inbound, exc)
                     await raw.term()
                     continue
-                log.exception("processing %s failed; redelivering in %.1fs", raw.subject[:128], retry_delay)
+                delay = backoff_delay(retry_delay, inbound.num_delivered)
+                log.exception("processing %s failed; redelivering in %.1fs", raw.subject[:128], delay)
                 # Keep the order: this message and everything after it in the batch come back later.
                 for later in raws[index:]:
-                    await later.nak(delay=retry_delay)
+                    await later.nak(delay=delay)
                 return
             await raw.ack()
 
     return router
+
+
+def backoff_delay(base: float, num_delivered: int, cap: float = MAX_RETRY_DELAY) -> float:
+    """Exponential redelivery delay: base, 2*base, 4*base, ... capped (a database outage is waited out)."""
+    return float(min(base * 2 ** max(num_delivered - 1, 0), cap))
 
 
 async def raw_batch(msg: NatsMessage) -> list[bytes]:

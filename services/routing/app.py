@@ -14,6 +14,7 @@ from fastapi import FastAPI, HTTPException, Path
 from faststream.nats import NatsBroker
 from faststream.nats.opentelemetry import NatsTelemetryMiddleware
 from faststream.nats.prometheus import NatsPrometheusMiddleware
+from nats.js.api import ConsumerConfig
 from nats.js.errors import NotFoundError
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 from opentelemetry.sdk.resources import Resource
@@ -28,7 +29,7 @@ from libs.contracts.subjects import CONSUMER_ROUTING, STREAM_EVENTS
 
 from . import db
 from .catalog import load_catalog
-from .handlers import RoutingMetrics, RoutingProcessor, build_router
+from .handlers import DeliveryLimit, RoutingMetrics, RoutingProcessor, build_router
 from .natscompat import install_fetch_timeout_fix
 from .settings import RoutingSettings
 
@@ -44,11 +45,12 @@ def make_tracer_provider(service_name: str) -> TracerProvider:
     return provider
 
 
-async def require_consumer(servers: list[str], stream: str, durable: str) -> None:
-    """Fail fast, with the fix, when the durable consumer was not provisioned (services never create one)."""
+async def require_consumer(servers: list[str], stream: str, durable: str) -> ConsumerConfig:
+    """The provisioned consumer's config; fail fast, with the fix, when it is missing (services never create one)."""
     nc = await nats.connect(servers, connect_timeout=5, max_reconnect_attempts=3, name=f"{SERVICE_NAME}-check")
     try:
-        await nc.jetstream().consumer_info(stream, durable)
+        config: ConsumerConfig = (await nc.jetstream().consumer_info(stream, durable)).config
+        return config
     except NotFoundError as exc:
         raise RuntimeError(f"consumer {stream}/{durable} does not exist: run `baton provision` first") from exc
     finally:
@@ -87,6 +89,7 @@ def create_app(
         await broker.publish(body, subject, headers={"Nats-Msg-Id": msg_id}, stream=stream, timeout=10)
 
     processor = RoutingProcessor(database, catalog, publish, metrics=metrics)
+    limit = DeliveryLimit()
     broker.include_router(
         build_router(
             processor,
@@ -95,18 +98,22 @@ def create_app(
             retry_delay=settings.retry_delay,
             metrics=metrics,
             tracer=tracer_provider.get_tracer("baton.routing"),
+            limit=limit,
         )
     )
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         await database.start()
-        await require_consumer(servers, STREAM_EVENTS, CONSUMER_ROUTING)
+        consumer = await require_consumer(servers, STREAM_EVENTS, CONSUMER_ROUTING)
+        if consumer.max_deliver is not None:
+            limit.max_deliver = consumer.max_deliver
         await broker.start()
         log.info(
-            "routing consuming %s/%s with %d departments (fallback %s)",
+            "routing consuming %s/%s (dead-letter on delivery %d) with %d departments (fallback %s)",
             STREAM_EVENTS,
             CONSUMER_ROUTING,
+            limit.max_deliver,
             len(catalog.departments),
             catalog.fallback_department,
         )
@@ -123,6 +130,7 @@ def create_app(
     app.state.broker = broker
     app.state.database = database
     app.state.processor = processor
+    app.state.delivery_limit = limit
     app.state.registry = registry
     app.mount("/metrics", make_asgi_app(registry))
 

@@ -82,6 +82,20 @@ class Inbound:
     num_delivered: int
 
 
+@dataclass
+class DeliveryLimit:
+    """The delivery on which a failing message is dead-lettered instead of naked again.
+
+    Starts from the consumer spec; the app replaces it at startup with the provisioned
+    consumer's ``max_deliver`` (the server decides when redelivery stops). ``-1``: never.
+    """
+
+    max_deliver: int = next(c.max_deliver for c in SERVICE_CONSUMERS if c.durable == CONSUMER_ROUTING)
+
+    def is_last(self, num_delivered: int) -> bool:
+        return 0 < self.max_deliver <= num_delivered
+
+
 class RoutingMetrics:
     """Routing's own Prometheus counters (FastStream's middleware counts messages and latency)."""
 
@@ -227,6 +241,7 @@ def build_router(
     retry_delay: float,
     metrics: RoutingMetrics | None = None,
     tracer: trace.Tracer | None = None,
+    limit: DeliveryLimit | None = None,
 ) -> NatsRouter:
     """Routing's only subscription: the durable ``routing`` consumer on ``BATON_EVENTS`` (provisioned by Baton).
 
@@ -236,7 +251,7 @@ def build_router(
     (``tracer``: from the service's own provider, else the global one).
     """
     router = NatsRouter()
-    spec = next(c for c in SERVICE_CONSUMERS if c.durable == CONSUMER_ROUTING)
+    limit = limit or DeliveryLimit()
     span_tracer = tracer or default_tracer
 
     def count(outcome: str) -> None:
@@ -271,7 +286,7 @@ def build_router(
                 ):
                     outcome = await processor.process(inbound)
             except Exception as exc:
-                if inbound.num_delivered >= spec.max_deliver:
+                if limit.is_last(inbound.num_delivered):
                     log.exception("giving up on %s after %d deliveries", raw.subject[:128], inbound.num_delivered)
                     try:
                         await processor.dead_letter_poison(inbound, exc)

@@ -21,7 +21,7 @@ from faststream.nats import JStream, NatsBroker, TestNatsBroker
 from faststream.nats.testing import PatchedMessage
 
 from libs.contracts import DeadLetter
-from libs.contracts.subjects import CONSUMER_METRICS, STREAM_DLQ, STREAM_EVENTS
+from libs.contracts.subjects import CONSUMER_METRICS, SERVICE_CONSUMERS, STREAM_DLQ, STREAM_EVENTS
 from services.metrics.app import create_app
 from services.metrics.settings import MetricsSettings
 from tests.metrics_events import EXPECTED_SEGMENTS, at, lifecycle, subject_and_body
@@ -29,6 +29,7 @@ from tests.metrics_events import EXPECTED_SEGMENTS, at, lifecycle, subject_and_b
 pytestmark = pytest.mark.component
 
 RID = "REQ-COMP0001"
+METRICS_CONSUMER = next(c for c in SERVICE_CONSUMERS if c.durable == CONSUMER_METRICS)
 NOW = at(40 * 60)
 
 
@@ -112,17 +113,18 @@ async def test_poison_is_dead_lettered_and_acked(harness: Harness) -> None:
     assert (await harness.http.get(f"/v1/requests/{RID}/timeline")).status_code == 404
 
 
-async def test_transient_failure_naks_with_the_retry_delay(harness: Harness) -> None:
+@pytest.mark.parametrize(("delivered", "delay"), [(1, 3.0), (2, 6.0), (4, 24.0), (5, 30.0), (40, 30.0)])
+async def test_transient_failure_naks_with_a_growing_delay(harness: Harness, delivered: int, delay: float) -> None:
     failing = AsyncMock(side_effect=RuntimeError("database is down"))
     with (
         patch.object(harness.app.state.processor, "process", failing),
         patch.object(PatchedMessage, "ack", autospec=True) as ack,
         patch.object(PatchedMessage, "nak", autospec=True) as nak,
     ):
-        await harness.deliver(*subject_and_body(lifecycle(RID)[0]))
+        await harness.deliver(*subject_and_body(lifecycle(RID)[0]), delivered=delivered)
     assert len(calls_on_events(ack)) == 0
     [nak_call] = calls_on_events(nak)
-    assert nak_call.kwargs == {"delay": 3.0}
+    assert nak_call.kwargs == {"delay": delay}  # retry_delay=3, doubled per delivery, capped at 30 s
     assert harness.dlq == []
 
 
@@ -133,7 +135,7 @@ async def test_last_delivery_failure_is_dead_lettered_and_terminated(harness: Ha
         patch.object(PatchedMessage, "term", autospec=True) as term,
         patch.object(PatchedMessage, "nak", autospec=True) as nak,
     ):
-        await harness.deliver(*subject_and_body(lifecycle(RID)[0]), delivered=10)
+        await harness.deliver(*subject_and_body(lifecycle(RID)[0]), delivered=METRICS_CONSUMER.max_deliver)
     assert (len(calls_on_events(term)), len(calls_on_events(nak))) == (1, 0)
     [letter] = harness.dlq
     assert letter.code == "processing_failed"

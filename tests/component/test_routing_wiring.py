@@ -24,7 +24,7 @@ from libs.contracts.subjects import STREAM_DLQ, STREAM_EVENTS, STREAM_IN, event_
 from services.routing import db
 from services.routing.app import create_app
 from services.routing.domain import routed_event_id
-from services.routing.handlers import ROUTED_SUBJECT, Inbound, Outcome, RoutingProcessor
+from services.routing.handlers import ROUTED_SUBJECT, DeliveryLimit, Inbound, Outcome, RoutingProcessor
 from services.routing.settings import RoutingSettings
 from tests.conftest import MakeDatabaseUrl
 
@@ -243,3 +243,11 @@ async def test_event_on_the_wrong_subject_is_dead_lettered(processor: RoutingPro
     msg = inbound(doc, seq=5, subject="baton.events.REQ-SOMEONE1.created")
     assert await processor.process(msg) is Outcome.DEAD_LETTERED
     assert fake.sent[0].subject == "baton.dlq.routing.subject_mismatch"
+
+
+@pytest.mark.parametrize(
+    ("max_deliver", "delivered", "last"),
+    [(3, 2, False), (3, 3, True), (3, 4, True), (-1, 1000, False), (1, 1, True)],
+)
+def test_delivery_limit(max_deliver: int, delivered: int, last: bool) -> None:
+    assert DeliveryLimit(max_deliver).is_last(delivered) is last

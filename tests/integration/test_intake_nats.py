@@ -227,3 +227,32 @@ async def test_illegal_transition_is_refused_and_changes_nothing(intake: Any, nc
     assert any(n["request_id"] == rid and n["code"] == "not_allowed" for n in legal_notices)
     log = await read_stream(nc, STREAM_EVENTS, f"baton.events.{rid}.*", 2)
     assert [e["type"] for e in log] == ["created", "routed"]
+
+
+async def test_a_transient_failure_does_not_let_a_later_event_overtake(intake: Any, nc: NATS) -> None:
+    """The database hiccups on 'accepted'; the 'delayed' right behind it must still come after it."""
+    from sqlalchemy.exc import OperationalError
+
+    rid = new_rid()
+    await publish(nc, inbound_subject("marketing", "created"), created(rid))
+    await publish(nc, service_subject("routing", "routed"), routed(rid))
+    await read_stream(nc, STREAM_EVENTS, f"baton.events.{rid}.routed", 1)
+
+    processor = intake.state.processor
+    real_apply = processor._apply
+    failures = [OperationalError("UPDATE requests", {}, Exception("database is locked"))] * 2
+
+    async def hiccup(msg: Any, checked: Any) -> Any:
+        if checked.event.type == "accepted" and failures:
+            raise failures.pop()
+        return await real_apply(msg, checked)
+
+    processor._apply = hiccup
+    accepted = env("accepted", rid, "it", 2) | {"assignee": "Sam", "eta": (T0 + timedelta(days=1)).isoformat()}
+    delayed = env("delayed", rid, "it", 3) | {"reason": "backorder", "new_eta": (T0 + timedelta(days=2)).isoformat()}
+    await publish(nc, inbound_subject("it", "accepted"), accepted)
+    await publish(nc, inbound_subject("it", "delayed"), delayed)
+
+    log = await read_stream(nc, STREAM_EVENTS, f"baton.events.{rid}.*", 4)
+    assert [(e["type"], e["sequence"]) for e in log] == [("created", 1), ("routed", 2), ("accepted", 3), ("delayed", 4)]
+    assert not failures
