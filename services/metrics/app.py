@@ -23,13 +23,13 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from prometheus_client import CollectorRegistry, Counter, make_asgi_app
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.responses import JSONResponse
+from starlette.responses import HTMLResponse, JSONResponse
 
 from libs.contracts import parse_event
 from libs.contracts.envelope import ID_PATTERN, SLUG_PATTERN
 from libs.contracts.subjects import CONSUMER_METRICS, STREAM_EVENTS
 
-from . import db
+from . import db, pages
 from .compat import patch_pull_fetch_timeout
 from .domain import RequestSummary, Timeline, build_timeline, summary_of
 from .handlers import MetricsProcessor, Outcome, build_router
@@ -189,6 +189,22 @@ def create_app(
             events = await db.events_of(session, ids)
         now = clock()
         return [summary_of(build_timeline((parse_event(r.canonical) for r in events[rid]), now)) for rid in ids]
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def index(
+        department: Annotated[str | None, Query(pattern=SLUG_PATTERN)] = None,
+    ) -> HTMLResponse:
+        summaries = await requests(department=department, limit=100)
+        return HTMLResponse(pages.render("index.html", requests=summaries, department=department, refresh=5))
+
+    @app.get("/requests/{request_id}", response_class=HTMLResponse, include_in_schema=False)
+    async def request_page(request_id: Annotated[str, Path(pattern=ID_PATTERN)]) -> HTMLResponse:
+        async with database.transaction() as session:
+            rows = await db.request_events(session, request_id)
+        if not rows:
+            raise StarletteHTTPException(404, f"request {request_id} not found")
+        line = build_timeline((parse_event(r.canonical) for r in rows), clock())
+        return HTMLResponse(pages.render("request.html", t=line, refresh=10))
 
     return app
 

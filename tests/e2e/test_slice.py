@@ -276,3 +276,28 @@ async def test_the_contract_doc_example_runs(stack: Stack, nc: NATS, tmp_path: P
     rid = found[-1]
     line = await timeline(stack, rid, 3)
     assert [e["type"] for e in line["events"]] == ["created", "routed", "accepted"]
+
+
+async def test_dashboard_pages_render_requests_and_escape_user_text(stack: Stack, nc: NATS) -> None:
+    rid = f"REQ-{uuid.uuid4().hex[:8].upper()}"
+    title = "<script>alert('x')</script> & new chairs"
+    created = envelope("created", rid, "hr", "Priya") | {
+        "title": title,
+        "category": "desk",
+        "priority": "low",
+        "requester": {"department": "hr", "person": "Priya"},
+    }
+    await publish(nc, "hr", created)
+    await timeline(stack, rid, 2)
+    base = stack.services["metrics"].url
+    async with httpx.AsyncClient(timeout=5) as client:
+        index = await client.get(f"{base}/")
+        page = await client.get(f"{base}/requests/{rid}")
+        missing = await client.get(f"{base}/requests/REQ-NOPE0000")
+    assert index.status_code == 200
+    assert rid in index.text
+    assert page.status_code == 200
+    assert "&lt;script&gt;alert(&#39;x&#39;)&lt;/script&gt; &amp; new chairs" in page.text
+    assert "<script>alert" not in page.text
+    assert "facilities" in page.text  # routed to the department that serves 'desk'
+    assert missing.status_code == 404
