@@ -10,8 +10,10 @@ Delivery rules (nothing lost, nothing twice):
   event: intake would refuse a different payload under the same event_id;
 * other canonical event types are acked and ignored;
 * a body that is not a valid event is poison: dead-lettered and acked, never retried;
-* an unexpected error (database, NATS timeout) naks the message with a delay; on its last
-  allowed delivery it is dead-lettered with the reason instead of being dropped.
+* an unexpected error (database, NATS timeout) naks the message, and the rest of its batch,
+  with an exponential delay (``retry_delay`` doubled per delivery, capped at 30 s, so an outage
+  is waited out); on the consumer's last allowed delivery it is dead-lettered with the reason
+  instead of being dropped.
 """
 
 from __future__ import annotations
@@ -56,6 +58,7 @@ default_tracer = trace.get_tracer("baton.routing")
 
 SERVICE = "routing"
 ROUTED_SUBJECT = service_subject(SERVICE, "routed")
+MAX_RETRY_DELAY = 30.0
 
 
 class Publish(Protocol):
@@ -300,16 +303,22 @@ def build_router(
                     await raw.term()
                     count("gave_up")
                     continue
-                log.exception("processing %s failed; redelivering in %.1fs", raw.subject[:128], retry_delay)
+                delay = backoff_delay(retry_delay, inbound.num_delivered)
+                log.exception("processing %s failed; redelivering in %.1fs", raw.subject[:128], delay)
                 # Keep the order: this message and everything after it in the batch come back later.
                 for later in raws[index:]:
-                    await later.nak(delay=retry_delay)
+                    await later.nak(delay=delay)
                 count("retried")
                 return
             await raw.ack()
             count(outcome.value)
 
     return router
+
+
+def backoff_delay(base: float, num_delivered: int, cap: float = MAX_RETRY_DELAY) -> float:
+    """Exponential redelivery delay: base, 2*base, 4*base, ... capped (a database outage is waited out)."""
+    return float(min(base * 2 ** max(num_delivered - 1, 0), cap))
 
 
 async def raw_batch(msg: NatsMessage) -> list[bytes]:

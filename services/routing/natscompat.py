@@ -1,17 +1,19 @@
-"""A compatibility fix between FastStream 0.7.8 and nats-py 2.16 that routing cannot run without.
+"""A guard for a FastStream 0.7.8 / nats-py 2.16 mismatch that stalls batch pull subscribers.
 
 nats-py 2.16's ``PullSubscription.fetch`` (batch > 1) can raise a bare ``asyncio.TimeoutError``
 (the builtin ``TimeoutError``) when its deadline runs out between its two pull requests; every
 other timeout it raises is ``nats.errors.TimeoutError``. FastStream 0.7.8's pull loop catches only
 the latter, so the bare one kills the consume task; FastStream's supervisor restarts it, but a
 message delivered around the crash then waits 15-30 s before it is processed. Measured on a local
-nats-server 2.15 with a throwaway probe (60-100 created events, ``fetch_timeout=0.05``):
+nats-server 2.15.1 + nats-py 2.16.0, throwaway probe (60-100 created events, ``fetch_timeout=0.05``):
 2-9 stalls over 1 s per 60 events without the fix (max 30 s), none with it (max 94 ms; 311 ms
 with one injected nak each).
 
 The fix re-raises that bare timeout as ``nats.errors.TimeoutError``. It is a subclass of
 ``asyncio.TimeoutError``, so any caller that catches either still does: the change is safe for
-every other user of nats-py in the process. Remove it once FastStream catches both.
+every other user of nats-py in the process. pyproject.toml now pins nats-py below 2.15 (whose
+fetch does not raise the bare timeout), so the wrapper is a no-op today; it keeps routing correct
+if the pin is lifted before FastStream catches both. Remove it then.
 """
 
 from __future__ import annotations

@@ -16,6 +16,10 @@ class RoutingSettings(BaseSettings):
     http_port: int = 8102
     fetch_batch: int = Field(default=64, ge=1, le=1000, description="Messages fetched per pull request.")
     fetch_timeout: float = Field(default=0.05, gt=0, description="Seconds to wait for a batch to fill.")
-    retry_delay: float = Field(default=2.0, gt=0, description="Seconds before a failed message is redelivered.")
+    retry_delay: float = Field(
+        default=2.0,
+        gt=0,
+        description="First redelivery delay of a failed message; doubled per delivery, capped at 30 s.",
+    )
     graceful_timeout: float = Field(default=15.0, gt=0, description="Seconds to drain in-flight work on SIGTERM.")
     log_level: str = "INFO"

@@ -24,7 +24,14 @@ from libs.contracts.subjects import STREAM_DLQ, STREAM_EVENTS, STREAM_IN, event_
 from services.routing import db
 from services.routing.app import create_app
 from services.routing.domain import routed_event_id
-from services.routing.handlers import ROUTED_SUBJECT, DeliveryLimit, Inbound, Outcome, RoutingProcessor
+from services.routing.handlers import (
+    ROUTED_SUBJECT,
+    DeliveryLimit,
+    Inbound,
+    Outcome,
+    RoutingProcessor,
+    backoff_delay,
+)
 from services.routing.settings import RoutingSettings
 from tests.conftest import MakeDatabaseUrl
 
@@ -251,3 +258,8 @@ async def test_event_on_the_wrong_subject_is_dead_lettered(processor: RoutingPro
 )
 def test_delivery_limit(max_deliver: int, delivered: int, last: bool) -> None:
     assert DeliveryLimit(max_deliver).is_last(delivered) is last
+
+
+def test_redelivery_delay_doubles_per_delivery_up_to_a_cap() -> None:
+    assert [backoff_delay(2.0, n) for n in (1, 2, 3, 4, 5, 6, 60)] == [2.0, 4.0, 8.0, 16.0, 30.0, 30.0, 30.0]
+    assert backoff_delay(0.1, 0) == 0.1
