@@ -16,9 +16,9 @@ import typer
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
 from libs.contracts.catalog import parse_duration
+from libs.contracts.catalog_file import CatalogError, load_catalog
 from libs.contracts.subjects import STREAM_NOTIFY, SubjectError, check_slug, department_consumer, notify_filter
 
-from .catalog_loader import CatalogError, load_catalog
 from .supervisor import DEFAULT_HTTP_BASE_PORT, DEFAULT_MONITOR_PORT, DEFAULT_NATS_PORT, Stack, StackConfig
 
 app = typer.Typer(help="Baton: requests handed between departments as events.", no_args_is_help=True)

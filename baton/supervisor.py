@@ -19,8 +19,8 @@ from pathlib import Path
 import httpx
 
 from libs.contracts import Catalog
+from libs.contracts.catalog_file import load_catalog
 
-from .catalog_loader import load_catalog
 from .natsserver import NatsServer, free_port
 from .provision import provision
 

@@ -24,10 +24,10 @@ import asyncpg  # type: ignore[import-untyped]
 import pytest
 from sqlalchemy.engine import URL, make_url
 
-from baton.catalog_loader import load_catalog
 from baton.natsserver import NatsServer
 from baton.provision import provision
 from libs.contracts.catalog import Catalog
+from libs.contracts.catalog_file import load_catalog
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE_CATALOG = ROOT / "deploy" / "catalog.yaml"

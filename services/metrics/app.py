@@ -30,7 +30,6 @@ from libs.contracts.envelope import ID_PATTERN, SLUG_PATTERN
 from libs.contracts.subjects import CONSUMER_METRICS, STREAM_EVENTS
 
 from . import db, pages
-from .compat import patch_pull_fetch_timeout
 from .domain import RequestSummary, Timeline, build_timeline, summary_of
 from .handlers import MetricsProcessor, Outcome, build_router
 from .settings import MetricsSettings
@@ -71,7 +70,6 @@ def create_app(
     tracer_provider: TracerProvider | None = None,
     clock: Callable[[], datetime] = lambda: datetime.now(UTC),
 ) -> FastAPI:
-    patch_pull_fetch_timeout()  # nats-py 2.16 + FastStream 0.7 batch pull: see compat.py
     tracer_provider = tracer_provider or make_tracer_provider(SERVICE_NAME)
     registry = CollectorRegistry()
     servers = [s.strip() for s in settings.nats_url.split(",") if s.strip()]

@@ -22,11 +22,11 @@ from prometheus_client import CollectorRegistry, make_asgi_app
 from starlette.responses import JSONResponse
 
 from libs.contracts import Catalog
+from libs.contracts.catalog_file import load_catalog
 from libs.contracts.envelope import ID_PATTERN
 from libs.contracts.subjects import CONSUMER_NOTIFIER, STREAM_EVENTS
 
-from . import compat, db
-from .catalog import load_catalog
+from . import db
 from .domain import Directory
 from .handlers import CONSUMER_SPEC, NotifierMetrics, NotifierProcessor, build_router
 from .settings import NotifierSettings
@@ -62,7 +62,6 @@ def create_app(
     registry = CollectorRegistry()
     servers = [s.strip() for s in settings.nats_url.split(",") if s.strip()]
     directory = Directory(catalog if catalog is not None else load_catalog(settings.catalog_path))
-    compat.install()  # nats-py/FastStream timeout mismatch that would stall the batch subscriber (see compat.py)
 
     broker = NatsBroker(
         servers,

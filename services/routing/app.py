@@ -24,13 +24,12 @@ from prometheus_client import CollectorRegistry, make_asgi_app
 from starlette.responses import JSONResponse
 
 from libs.contracts import Catalog, loads
+from libs.contracts.catalog_file import load_catalog
 from libs.contracts.envelope import ID_PATTERN
 from libs.contracts.subjects import CONSUMER_ROUTING, STREAM_EVENTS
 
 from . import db
-from .catalog import load_catalog
 from .handlers import DeliveryLimit, RoutingMetrics, RoutingProcessor, build_router
-from .natscompat import install_fetch_timeout_fix
 from .settings import RoutingSettings
 
 SERVICE_NAME = "baton-routing"
@@ -65,7 +64,6 @@ def create_app(
 ) -> FastAPI:
     """The routing service. ``catalog`` defaults to the file at ``settings.catalog_path`` (loaded now: fail fast)."""
     catalog = catalog or load_catalog(settings.catalog_path)
-    install_fetch_timeout_fix()  # FastStream 0.7.8 + nats-py 2.16: see natscompat.py
     tracer_provider = tracer_provider or make_tracer_provider(SERVICE_NAME)
     registry = CollectorRegistry()
     metrics = RoutingMetrics(registry)

@@ -15,7 +15,6 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
-import nats.errors
 import orjson
 import pytest
 from fastapi import FastAPI
@@ -29,7 +28,6 @@ from libs.contracts import Catalog, DeadLetter, LifecycleEvent, Notification, du
 from libs.contracts.subjects import STREAM_DLQ, STREAM_EVENTS, STREAM_NOTIFY, event_subject
 from services.notifier import db
 from services.notifier.app import create_app
-from services.notifier.compat import normalize_timeouts
 from services.notifier.domain import Directory
 from services.notifier.handlers import CONSUMER_SPEC, Inbound, NotifierProcessor, Outcome
 from services.notifier.settings import NotifierSettings
@@ -349,18 +347,3 @@ async def test_events_that_can_never_apply_are_dead_lettered(
 
 
 # --- the nats-py / FastStream timeout workaround ------------------------------------------------------
-
-
-async def test_bare_fetch_timeouts_become_nats_timeouts() -> None:
-    async def fetch(batch: int = 1, timeout: float | None = 5) -> list[Any]:
-        raise TimeoutError  # what nats-py 2.16 _fetch_n raises when the deadline runs out
-
-    wrapped = normalize_timeouts(fetch)
-    assert normalize_timeouts(wrapped) is wrapped
-    with pytest.raises(nats.errors.TimeoutError):
-        await wrapped(10, timeout=0.05)
-
-    async def ok(batch: int = 1) -> list[int]:
-        return [batch]
-
-    assert await normalize_timeouts(ok)(3) == [3]

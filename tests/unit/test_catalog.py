@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from baton.catalog_loader import CatalogError, load_catalog
 from libs.contracts.catalog import Catalog, Kind
+from libs.contracts.catalog_file import CatalogError, load_catalog
 from libs.contracts.events import Priority
 
 pytestmark = pytest.mark.unit

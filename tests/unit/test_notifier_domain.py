@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 
 from libs.contracts import Catalog, Notification, Role, parse_event
+from libs.contracts.catalog_file import load_catalog
 from libs.contracts.events import Accepted, Created, Delayed, LifecycleEvent, Resolved, Routed
-from services.notifier.catalog import CatalogError, load_catalog
 from services.notifier.domain import (
     Directory,
     Order,
@@ -439,18 +439,3 @@ def test_notification_fields_and_id() -> None:
 def test_the_example_catalog_loads() -> None:
     catalog = load_catalog(Path(__file__).parents[2] / "deploy" / "catalog.yaml")
     assert "it" in catalog.slugs
-
-
-def test_catalog_errors_name_the_file_and_the_field(tmp_path: Path) -> None:
-    bad = tmp_path / "catalog.yaml"
-    bad.write_text(
-        "fallback_department: it\ndepartments:\n  - {slug: it, name: IT, timezone: Mars/Olympus}\n", encoding="utf-8"
-    )
-    with pytest.raises(CatalogError, match=r"catalog\.yaml") as info:
-        load_catalog(bad)
-    assert "departments[0].timezone: unknown time zone 'Mars/Olympus'" in str(info.value)
-    with pytest.raises(CatalogError, match="cannot read"):
-        load_catalog(tmp_path / "missing.yaml")
-    (tmp_path / "empty.yaml").write_text("", encoding="utf-8")
-    with pytest.raises(CatalogError, match="empty"):
-        load_catalog(tmp_path / "empty.yaml")

@@ -1,6 +1,7 @@
 """Load the department catalog (YAML) with errors a person can act on: file, line, field path, problem.
 
-Generic on purpose: the CLI uses it. Services carry their own tiny loader (they cannot import ``baton``).
+The catalog file format is part of the public contract; the CLI and every service that reads
+the catalog load it through this one function.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from libs.contracts.catalog import Catalog
+from .catalog import Catalog
 
 
 @dataclass(frozen=True)
@@ -81,7 +82,7 @@ def _message(err: Any) -> str:
     return msg
 
 
-def load_catalog(path: Path) -> Catalog:
+def load_catalog(path: str | Path) -> Catalog:
     """Read, parse (``yaml.safe_load``) and validate a catalog file; raise :class:`CatalogError` on any problem."""
     path = Path(path)
     try:
