@@ -2,7 +2,9 @@
 
 Owning producers (exactly one per type):
 
-- ``created``, ``accepted``, ``delayed``, ``resolved``: line-of-business systems, via intake;
+- ``created``, ``reopened``, ``feedback``: the requester's systems, via intake;
+- ``accepted``, ``delayed``, ``resolved``, ``declined``, ``reassigned``: the holding department's systems;
+- ``commented``: either party's systems;
 - ``routed``: the routing service, via intake (``baton.svc.routing.routed``).
 
 Intake validates every event, stamps ``sequence``/``recorded_at``/``trace_id``
@@ -127,7 +129,49 @@ class Resolved(Envelope):
     outcome: Outcome
 
 
-LifecycleEvent = Annotated[Created | Routed | Accepted | Delayed | Resolved, Field(discriminator="type")]
+class Declined(Envelope):
+    """The holding department refuses the request before accepting it; routing then picks the next
+    department or returns the request to the requester."""
+
+    type: Literal["declined"] = "declined"
+    reason: Annotated[NonBlank, StringConstraints(max_length=1000)]
+    suggested_department: Slug | None = Field(default=None, description="Who the decliner thinks should serve it.")
+
+
+class Reassigned(Envelope):
+    """The holding department hands the request to another department (which must then accept it)."""
+
+    type: Literal["reassigned"] = "reassigned"
+    reason: Annotated[NonBlank, StringConstraints(max_length=1000)]
+    to_department: Slug
+
+
+class Reopened(Envelope):
+    """The requester is not satisfied after ``resolved``: the last holder must accept it again."""
+
+    type: Literal["reopened"] = "reopened"
+    reason: Annotated[NonBlank, StringConstraints(max_length=1000)]
+
+
+class Feedback(Envelope):
+    """The requester rates a resolved request; this closes it (nothing may follow)."""
+
+    type: Literal["feedback"] = "feedback"
+    rating: Annotated[int, Field(ge=1, le=5, description="1 (poor) to 5 (excellent).")]
+    comment: Annotated[str, StringConstraints(max_length=2000)] = ""
+
+
+class Commented(Envelope):
+    """Either party (the requester or the holding department) adds information; the state is unchanged."""
+
+    type: Literal["commented"] = "commented"
+    comment: Annotated[NonBlank, StringConstraints(max_length=10_000)]
+
+
+LifecycleEvent = Annotated[
+    Created | Routed | Accepted | Delayed | Resolved | Declined | Reassigned | Reopened | Feedback | Commented,
+    Field(discriminator="type"),
+]
 
 #: Validates any lifecycle event from JSON bytes or a dict.
 EVENT_ADAPTER: TypeAdapter[LifecycleEvent] = TypeAdapter(LifecycleEvent)
@@ -138,10 +182,17 @@ EVENT_MODELS: dict[str, type[Envelope]] = {
     "accepted": Accepted,
     "delayed": Delayed,
     "resolved": Resolved,
+    "declined": Declined,
+    "reassigned": Reassigned,
+    "reopened": Reopened,
+    "feedback": Feedback,
+    "commented": Commented,
 }
 
 #: Event types a line-of-business system may publish on ``baton.in.<dept>.<type>``.
-INBOUND_TYPES: frozenset[str] = frozenset({"created", "accepted", "delayed", "resolved"})
+INBOUND_TYPES: frozenset[str] = frozenset(
+    {"created", "accepted", "delayed", "resolved", "declined", "reassigned", "reopened", "feedback", "commented"}
+)
 #: Event types Baton's services emit (on ``baton.svc.<service>.<type>``), with their owner.
 SERVICE_TYPES: dict[str, str] = {"routed": "routing"}
 

@@ -39,6 +39,8 @@ class RequestRow(Base):
     delay_count: Mapped[int] = mapped_column(Integer, default=0)
     title: Mapped[str] = mapped_column(String(200))
     trace_id: Mapped[str | None] = mapped_column(String(32))
+    declined_by: Mapped[list[str]] = mapped_column(JSON, default=list)
+    reopen_count: Mapped[int] = mapped_column(Integer, default=0)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
@@ -53,6 +55,8 @@ class RequestRow(Base):
             delay_count=self.delay_count,
             title=self.title,
             trace_id=self.trace_id,
+            declined_by=tuple(self.declined_by or ()),
+            reopen_count=self.reopen_count or 0,
         )
 
 
@@ -171,6 +175,8 @@ async def save_state(session: AsyncSession, row: RequestRow | None, new: Request
                 delay_count=new.delay_count,
                 title=new.title,
                 trace_id=new.trace_id,
+                declined_by=list(new.declined_by),
+                reopen_count=new.reopen_count,
                 created_at=created_at,
                 updated_at=created_at,
             )
@@ -185,6 +191,8 @@ async def save_state(session: AsyncSession, row: RequestRow | None, new: Request
             last_sequence=new.last_sequence,
             eta=new.eta,
             delay_count=new.delay_count,
+            declined_by=list(new.declined_by),
+            reopen_count=new.reopen_count,
             updated_at=created_at,
         )
         .execution_options(synchronize_session=False)

@@ -2,14 +2,20 @@
 
 Pure functions, no I/O and no FastStream: everything here is unit-tested directly.
 
-The machine (contract v1)::
+The machine (contract v1; the diagram is in docs/lifecycle.md)::
 
     created --routed--> routed --accepted--> accepted --delayed*--> accepted --resolved--> resolved
+                         |  ^                   |                                |      |
+                declined |  | routed            | reassigned           reopened |      | feedback
+                         v  |                   v                                v      v
+                       declined            routed (new holder)         routed (same)  closed
 
-* ``created`` only by the requester's department (actor = requester = subject);
-* ``routed`` only by Baton's routing service, while the request awaits a provider;
-* ``accepted`` / ``delayed`` / ``resolved`` only by the department that holds the request;
-* ``delayed`` needs a ``new_eta`` later than the current ETA.
+* ``created``, ``reopened``, ``feedback``: only the requester's department;
+* ``routed``: only Baton's routing service, while nobody holds the request (created, declined);
+* ``accepted``, ``delayed``, ``resolved``, ``declined``, ``reassigned``: only the holding department;
+* ``commented``: the requester or the holding department, in any state but closed;
+* ``delayed`` needs a ``new_eta`` later than the current ETA; ``reassigned`` needs another department;
+* ``feedback`` closes the request: nothing may follow it.
 """
 
 from __future__ import annotations
@@ -25,7 +31,19 @@ from pydantic import ValidationError
 
 from libs.contracts import EVENT_ADAPTER, INBOUND_TYPES, SERVICE_TYPES, SYSTEM_DEPARTMENT, error_list
 from libs.contracts.envelope import Envelope
-from libs.contracts.events import Accepted, Created, Delayed, LifecycleEvent, Resolved, Routed
+from libs.contracts.events import (
+    Accepted,
+    Commented,
+    Created,
+    Declined,
+    Delayed,
+    Feedback,
+    LifecycleEvent,
+    Reassigned,
+    Reopened,
+    Resolved,
+    Routed,
+)
 from libs.contracts.notifications import FieldError, RejectionCode
 from libs.contracts.subjects import ParsedInbound, parse_inbound_subject
 
@@ -35,9 +53,11 @@ MAX_PAYLOAD_BYTES = 64 * 1024
 
 class State(StrEnum):
     CREATED = "created"  # waiting for routing
-    ROUTED = "routed"  # a provider holds it, not yet accepted
+    ROUTED = "routed"  # a provider holds it, not yet accepted (also after reassigned / reopened)
     ACCEPTED = "accepted"  # in progress (possibly delayed)
+    DECLINED = "declined"  # the provider refused it; waiting for routing again
     RESOLVED = "resolved"
+    CLOSED = "closed"  # the requester gave feedback: final
 
 
 @dataclass(frozen=True)
@@ -53,6 +73,8 @@ class RequestState:
     delay_count: int
     title: str
     trace_id: str | None
+    declined_by: tuple[str, ...] = ()
+    reopen_count: int = 0
 
 
 @dataclass(frozen=True)
@@ -171,16 +193,50 @@ def decide(current: RequestState | None, event: LifecycleEvent) -> RequestState 
 
     if current is None:
         return _refuse(RejectionCode.UNKNOWN_REQUEST, f"request {event.request_id} does not exist", "request_id")
+    if current.state is State.CLOSED:
+        return _refuse(
+            RejectionCode.ILLEGAL_TRANSITION,
+            f"request {event.request_id} is closed: feedback was given, nothing follows",
+        )
 
     nxt = replace(current, last_sequence=current.last_sequence + 1)
+    dept = event.actor.department
 
     if isinstance(event, Routed):
-        if current.state is not State.CREATED:
+        if current.state not in (State.CREATED, State.DECLINED):
             return _refuse(RejectionCode.ILLEGAL_TRANSITION, f"cannot route a request that is {current.state}")
         return replace(nxt, state=State.ROUTED, holder_department=event.provider_department)
 
-    # accepted / delayed / resolved: only the department holding the request
-    if current.holder_department is None or event.actor.department != current.holder_department:
+    if isinstance(event, Commented):
+        parties = {current.requester_department, current.holder_department} - {None}
+        if dept not in parties:
+            return _refuse(
+                RejectionCode.NOT_ALLOWED,
+                f"only the requester ({current.requester_department}) or the holder "
+                f"({current.holder_department or 'nobody yet'}) may comment",
+                "actor",
+                "department",
+            )
+        return nxt
+
+    if isinstance(event, Reopened | Feedback):
+        if dept != current.requester_department:
+            return _refuse(
+                RejectionCode.NOT_ALLOWED,
+                f"only the requester's department ({current.requester_department}) may publish {event.type}",
+                "actor",
+                "department",
+            )
+        if current.state is not State.RESOLVED:
+            return _refuse(
+                RejectionCode.ILLEGAL_TRANSITION, f"{event.type} needs a resolved request; it is {current.state}"
+            )
+        if isinstance(event, Feedback):
+            return replace(nxt, state=State.CLOSED)
+        return replace(nxt, state=State.ROUTED, eta=None, reopen_count=current.reopen_count + 1)
+
+    # accepted / delayed / resolved / declined / reassigned: only the department holding the request
+    if current.holder_department is None or dept != current.holder_department:
         holder = current.holder_department or "no department yet"
         return _refuse(
             RejectionCode.NOT_ALLOWED,
@@ -193,6 +249,25 @@ def decide(current: RequestState | None, event: LifecycleEvent) -> RequestState 
         if current.state is not State.ROUTED:
             return _refuse(RejectionCode.ILLEGAL_TRANSITION, f"cannot accept a request that is {current.state}")
         return replace(nxt, state=State.ACCEPTED, eta=event.eta)
+
+    if isinstance(event, Declined):
+        if current.state is not State.ROUTED:
+            return _refuse(
+                RejectionCode.ILLEGAL_TRANSITION,
+                f"cannot decline a request that is {current.state}; decline before accepting, or reassign it",
+            )
+        return replace(
+            nxt, state=State.DECLINED, holder_department=None, declined_by=(*current.declined_by, dept), eta=None
+        )
+
+    if isinstance(event, Reassigned):
+        if current.state not in (State.ROUTED, State.ACCEPTED):
+            return _refuse(RejectionCode.ILLEGAL_TRANSITION, f"cannot reassign a request that is {current.state}")
+        if event.to_department == dept:
+            return _refuse(
+                RejectionCode.ILLEGAL_TRANSITION, "reassign to another department, not to yourself", "to_department"
+            )
+        return replace(nxt, state=State.ROUTED, holder_department=event.to_department, eta=None)
 
     if isinstance(event, Delayed):
         if current.state is not State.ACCEPTED:
