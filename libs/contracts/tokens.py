@@ -34,7 +34,7 @@ from pydantic import Field, StringConstraints, ValidationError, model_validator
 
 from .envelope import Slug, StrictModel, Timestamp
 
-TOKEN_PREFIX = "bt_"
+TOKEN_PREFIX = "bt_"  # noqa: S105 - a public prefix, not a secret
 MAX_TOKEN_LENGTH = 200
 
 
