@@ -5,7 +5,8 @@ Owning producers (exactly one per type):
 - ``created``, ``reopened``, ``feedback``: the requester's systems, via intake;
 - ``accepted``, ``delayed``, ``resolved``, ``declined``, ``reassigned``: the holding department's systems;
 - ``commented``: either party's systems;
-- ``routed``: the routing service, via intake (``baton.svc.routing.routed``).
+- ``routed``, ``returned``, ``sla_warning``, ``escalated``, ``handoff_loop_detected``: the routing
+  service, via intake (``baton.svc.routing.<type>``).
 
 Intake validates every event, stamps ``sequence``/``recorded_at``/``trace_id``
 and appends it to the canonical log.
@@ -168,8 +169,73 @@ class Commented(Envelope):
     comment: Annotated[NonBlank, StringConstraints(max_length=10_000)]
 
 
+class SlaClock(StrEnum):
+    ACCEPT = "accept"  # time for the holding department to accept a handoff
+    RESOLVE = "resolve"  # time for the holding department to resolve after accepting
+
+
+class Returned(Envelope):
+    """Routing found no (further) department to serve the request and hands it back to the requester."""
+
+    type: Literal["returned"] = "returned"
+    reason: Annotated[NonBlank, StringConstraints(max_length=2000)]
+    declined_by: list[Slug] = Field(default_factory=list, description="Departments that declined, in order.")
+    caused_by: EventId
+
+
+class SlaWarning(Envelope):
+    """A department's SLA clock reached the warning fraction (default 75 %) of its target. Emitted by routing."""
+
+    type: Literal["sla_warning"] = "sla_warning"
+    clock: SlaClock
+    department: Slug = Field(description="Whose clock it is.")
+    deadline: Timestamp
+    fraction: Annotated[float, Field(gt=0, lt=1)]
+    remaining_seconds: Annotated[float, Field(ge=0)]
+    episode: Annotated[int, Field(ge=1, description="Breach episode of this clock (1, 2, … after re-routing).")] = 1
+
+
+class Escalated(Envelope):
+    """A department's SLA clock passed its deadline (once per breach episode). Emitted by routing."""
+
+    type: Literal["escalated"] = "escalated"
+    clock: SlaClock
+    department: Slug = Field(description="Whose clock breached.")
+    deadline: Timestamp
+    overdue_seconds: Annotated[float, Field(ge=0)]
+    episode: Annotated[int, Field(ge=1)] = 1
+
+
+class LoopPattern(StrEnum):
+    BOUNCE = "bounce"  # A -> B -> A
+    TOO_MANY_HOPS = "too_many_hops"
+    QUICK_REASSIGN = "quick_reassign"  # accepted, then reassigned within minutes
+
+
+class HandoffLoopDetected(Envelope):
+    """The request is being passed around; everyone involved hears about it. Emitted by routing."""
+
+    type: Literal["handoff_loop_detected"] = "handoff_loop_detected"
+    pattern: LoopPattern
+    chain: list[Slug] = Field(description="The handoff chain so far, oldest first.")
+    detail: Annotated[str, StringConstraints(max_length=1000)] = ""
+
+
 LifecycleEvent = Annotated[
-    Created | Routed | Accepted | Delayed | Resolved | Declined | Reassigned | Reopened | Feedback | Commented,
+    Created
+    | Routed
+    | Accepted
+    | Delayed
+    | Resolved
+    | Declined
+    | Reassigned
+    | Reopened
+    | Feedback
+    | Commented
+    | Returned
+    | SlaWarning
+    | Escalated
+    | HandoffLoopDetected,
     Field(discriminator="type"),
 ]
 
@@ -187,6 +253,10 @@ EVENT_MODELS: dict[str, type[Envelope]] = {
     "reopened": Reopened,
     "feedback": Feedback,
     "commented": Commented,
+    "returned": Returned,
+    "sla_warning": SlaWarning,
+    "escalated": Escalated,
+    "handoff_loop_detected": HandoffLoopDetected,
 }
 
 #: Event types a line-of-business system may publish on ``baton.in.<dept>.<type>``.
@@ -194,7 +264,15 @@ INBOUND_TYPES: frozenset[str] = frozenset(
     {"created", "accepted", "delayed", "resolved", "declined", "reassigned", "reopened", "feedback", "commented"}
 )
 #: Event types Baton's services emit (on ``baton.svc.<service>.<type>``), with their owner.
-SERVICE_TYPES: dict[str, str] = {"routed": "routing"}
+SERVICE_TYPES: dict[str, str] = {
+    "routed": "routing",
+    "returned": "routing",
+    "sla_warning": "routing",
+    "escalated": "routing",
+    "handoff_loop_detected": "routing",
+}
+#: Service notices that join the request's sequence without changing its state.
+NOTICE_TYPES: frozenset[str] = frozenset({"sla_warning", "escalated", "handoff_loop_detected"})
 
 
 def parse_event(data: bytes | str) -> LifecycleEvent:

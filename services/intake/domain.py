@@ -11,7 +11,8 @@ The machine (contract v1; the diagram is in docs/lifecycle.md)::
                        declined            routed (new holder)         routed (same)  closed
 
 * ``created``, ``reopened``, ``feedback``: only the requester's department;
-* ``routed``: only Baton's routing service, while nobody holds the request (created, declined);
+* ``routed`` / ``returned``: only Baton's routing service, while nobody holds the request (created, declined);
+* ``sla_warning``, ``escalated``, ``handoff_loop_detected``: only routing; they join the sequence, state unchanged;
 * ``accepted``, ``delayed``, ``resolved``, ``declined``, ``reassigned``: only the holding department;
 * ``commented``: the requester or the holding department, in any state but closed;
 * ``delayed`` needs a ``new_eta`` later than the current ETA; ``reassigned`` needs another department;
@@ -37,12 +38,16 @@ from libs.contracts.events import (
     Created,
     Declined,
     Delayed,
+    Escalated,
     Feedback,
+    HandoffLoopDetected,
     LifecycleEvent,
     Reassigned,
     Reopened,
     Resolved,
+    Returned,
     Routed,
+    SlaWarning,
 )
 from libs.contracts.notifications import FieldError, RejectionCode
 from libs.contracts.subjects import ParsedInbound, parse_inbound_subject
@@ -56,6 +61,7 @@ class State(StrEnum):
     ROUTED = "routed"  # a provider holds it, not yet accepted (also after reassigned / reopened)
     ACCEPTED = "accepted"  # in progress (possibly delayed)
     DECLINED = "declined"  # the provider refused it; waiting for routing again
+    RETURNED = "returned"  # routing handed it back to the requester (nobody could serve it)
     RESOLVED = "resolved"
     CLOSED = "closed"  # the requester gave feedback: final
 
@@ -206,6 +212,17 @@ def decide(current: RequestState | None, event: LifecycleEvent) -> RequestState 
         if current.state not in (State.CREATED, State.DECLINED):
             return _refuse(RejectionCode.ILLEGAL_TRANSITION, f"cannot route a request that is {current.state}")
         return replace(nxt, state=State.ROUTED, holder_department=event.provider_department)
+
+    if isinstance(event, Returned):
+        if current.state not in (State.CREATED, State.DECLINED):
+            return _refuse(RejectionCode.ILLEGAL_TRANSITION, f"cannot return a request that is {current.state}")
+        return replace(nxt, state=State.RETURNED, holder_department=None)
+
+    if isinstance(event, SlaWarning | Escalated | HandoffLoopDetected):
+        # Notices join the sequence without changing the state; a timer racing a resolution is refused.
+        if current.state in (State.RESOLVED, State.RETURNED):
+            return _refuse(RejectionCode.ILLEGAL_TRANSITION, f"no {event.type} for a request that is {current.state}")
+        return nxt
 
     if isinstance(event, Commented):
         parties = {current.requester_department, current.holder_department} - {None}
