@@ -24,7 +24,23 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from libs.contracts import SYSTEM_DEPARTMENT, error_list, parse_event
 from libs.contracts.envelope import Envelope
-from libs.contracts.events import Accepted, Created, Delayed, LifecycleEvent, Resolved, Routed
+from libs.contracts.events import (
+    Accepted,
+    Commented,
+    Created,
+    Declined,
+    Delayed,
+    Escalated,
+    Feedback,
+    HandoffLoopDetected,
+    LifecycleEvent,
+    Reassigned,
+    Reopened,
+    Resolved,
+    Returned,
+    Routed,
+    SlaWarning,
+)
 from libs.contracts.notifications import FieldError, Role
 from libs.contracts.subjects import SubjectError, event_subject
 
@@ -32,7 +48,26 @@ from libs.contracts.subjects import SubjectError, event_subject
 ENVELOPE_FIELDS: frozenset[str] = frozenset(Envelope.model_fields) | {"type"}
 SUMMARY_TEXT_LIMIT = 120
 
-StateName = Literal["created", "routed", "accepted", "delayed", "resolved"]
+StateName = Literal[
+    "created", "routed", "accepted", "delayed", "declined", "reassigned", "reopened", "returned", "resolved", "closed"
+]
+#: The state a request is in after each event type; None = the event does not change the state.
+STATE_AFTER: dict[str, StateName | None] = {
+    "created": "created",
+    "routed": "routed",
+    "accepted": "accepted",
+    "delayed": "delayed",
+    "declined": "declined",
+    "reassigned": "reassigned",
+    "reopened": "reopened",
+    "returned": "returned",
+    "resolved": "resolved",
+    "feedback": "closed",
+    "commented": None,
+    "sla_warning": None,
+    "escalated": None,
+    "handoff_loop_detected": None,
+}
 
 
 # --- checking a message from the canonical log -------------------------------------------
@@ -85,6 +120,8 @@ def parties(event: LifecycleEvent) -> set[tuple[str, Role]]:
         return {(event.requester.department, Role.REQUESTER)} | {(w, Role.WATCHER) for w in event.watchers}
     if isinstance(event, Routed):
         return {(event.provider_department, Role.PROVIDER)}
+    if isinstance(event, Reassigned):
+        return {(event.actor.department, Role.PROVIDER), (event.to_department, Role.PROVIDER)}
     if event.actor.department == SYSTEM_DEPARTMENT:
         return set()
     return {(event.actor.department, Role.PROVIDER)}
@@ -221,7 +258,28 @@ def summarize(event: LifecycleEvent) -> str:
         return f"{who} accepted; {_short(event.assignee, 60)} expects to finish by {_when(event.eta)}"
     if isinstance(event, Delayed):
         return f"{who} moved the ETA to {_when(event.new_eta)}: {_short(event.reason)}"
-    return f"{who} resolved it ({event.outcome}): {_short(event.resolution)}"
+    if isinstance(event, Resolved):
+        return f"{who} resolved it ({event.outcome}): {_short(event.resolution)}"
+    if isinstance(event, Declined):
+        return f"{who} declined it: {_short(event.reason)}"
+    if isinstance(event, Reassigned):
+        return f"{who} handed it to {event.to_department}: {_short(event.reason)}"
+    if isinstance(event, Reopened):
+        return f"{who} reopened it: {_short(event.reason)}"
+    if isinstance(event, Feedback):
+        comment = f": {_short(event.comment)}" if event.comment else ""
+        return f"{who} rated it {event.rating}/5{comment}"
+    if isinstance(event, Commented):
+        return f"{who} commented: {_short(event.comment)}"
+    if isinstance(event, Returned):
+        return f"Returned to the requester: {_short(event.reason)}"
+    if isinstance(event, SlaWarning):
+        return f"SLA warning: {event.department} must {event.clock} by {_when(event.deadline)}"
+    if isinstance(event, Escalated):
+        hours = event.overdue_seconds / 3600
+        return f"Escalated: {event.department} missed its {event.clock} deadline by {hours:.1f} h"
+    assert isinstance(event, HandoffLoopDetected)
+    return f"Handoff loop ({event.pattern}): {' → '.join(event.chain)}"
 
 
 def detail(event: LifecycleEvent) -> dict[str, Any]:
@@ -331,7 +389,31 @@ class _Fold:
             self.close_segment(at)
             self.close_hold(at)
             self.resolved_at = at
-        self.state = event.type
+        elif isinstance(event, Declined):
+            assert self.created is not None
+            note = f"declined by {event.actor.department}: {_short(event.reason, 80)}; waiting for routing"
+            self.open_hold(self.created.requester.department, Role.REQUESTER, note, at)
+            self.last_holder = None
+            self.open_segment(SegmentKind.WAITING, None, note, at)
+        elif isinstance(event, Returned):
+            assert self.created is not None
+            self.open_hold(self.created.requester.department, Role.REQUESTER, f"returned: {_short(event.reason)}", at)
+            self.last_holder = None
+            self.close_segment(at)
+        elif isinstance(event, Reassigned):
+            note = f"reassigned by {event.actor.department}: {_short(event.reason, 80)}; waiting for acceptance"
+            self.open_hold(event.to_department, Role.PROVIDER, None, at)
+            self.open_segment(SegmentKind.WAITING, event.to_department, note, at)
+            self.deadlines = self.deadlines.model_copy(update={"eta": None})
+            self.accepted_at = self.resolved_at = None
+        elif isinstance(event, Reopened) and holder is not None:
+            self.open_hold(holder, Role.PROVIDER, "reopened", at)
+            self.open_segment(SegmentKind.WAITING, holder, f"reopened: {_short(event.reason, 80)}", at)
+            self.deadlines = self.deadlines.model_copy(update={"eta": None})
+            self.accepted_at = self.resolved_at = None
+        new_state = STATE_AFTER.get(event.type)
+        if new_state is not None:
+            self.state = new_state
 
     def finish(self, now: datetime) -> None:
         if self.hold is not None:
