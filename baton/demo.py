@@ -166,8 +166,11 @@ class Demo:
         """One provider's side of a request: accept, maybe delay, resolve."""
         await self._pause(1, 4)
         eta = datetime.now(UTC) + timedelta(hours=self.random.choice((4, 8, 24, 48)))
-        await self._publish(js, dept, _envelope("accepted", request_id, dept) | {"assignee": PEOPLE.get(dept, "Alex"),
-                                                                                 "eta": eta.isoformat()})  # fmt: skip
+        accepted = _envelope("accepted", request_id, dept) | {
+            "assignee": PEOPLE.get(dept, "Alex"),
+            "eta": eta.isoformat(),
+        }
+        await self._publish(js, dept, accepted)
         for _ in range(self.random.choice((0, 0, 1, 1, 2))):
             await self._pause(2, 6)
             eta += timedelta(hours=self.random.choice((4, 24, 48)))

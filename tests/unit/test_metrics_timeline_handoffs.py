@@ -32,8 +32,8 @@ def ev(seq: int, event_type: str, dept: str, minutes: int, **fields: Any) -> Lif
 
 
 def created() -> LifecycleEvent:
-    return ev(1, "created", "hr", 0, title="Laptop", category="laptop", priority="high",
-              requester={"department": "hr", "person": "Priya"})  # fmt: skip
+    requester = {"department": "hr", "person": "Priya"}
+    return ev(1, "created", "hr", 0, title="Laptop", category="laptop", priority="high", requester=requester)
 
 
 def routed(seq: int, to: str, minutes: int) -> LifecycleEvent:
