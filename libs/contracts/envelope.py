@@ -8,7 +8,7 @@ from unchecked input.
 from __future__ import annotations
 
 import re
-from typing import Annotated, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints
 
@@ -69,12 +69,23 @@ class Actor(StrictModel):
     person: PersonName
 
 
+def _type_is_required(schema: dict[str, Any]) -> None:
+    """``type`` has a default in Python (convenient when building events) but is the union's tag:
+    a published event must carry it, so the JSON Schema says so."""
+    if "type" in schema.get("properties", {}):
+        required = schema.setdefault("required", [])
+        if "type" not in required:
+            required.insert(0, "type")
+
+
 class Envelope(StrictModel):
     """Fields common to every event.
 
     ``sequence``, ``recorded_at`` and ``trace_id`` are stamped by intake when it
     appends the event to the canonical log; publishers must leave them out.
     """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, json_schema_extra=_type_is_required)
 
     event_id: EventId
     request_id: RequestId
