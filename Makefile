@@ -7,7 +7,7 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed-stamp
 
-.PHONY: setup run demo test lint typecheck pytest fmt lock schemas bench clean
+.PHONY: setup run demo test lint typecheck pytest fmt lock schemas openapi bench clean
 
 setup: $(STAMP)
 
@@ -47,6 +47,10 @@ lock: setup
 # Rewrite the committed JSON Schema snapshots after an (additive) contract change.
 schemas: setup
 	$(BIN)/python -m libs.contracts.snapshots
+
+# Rewrite the committed OpenAPI document of intake's HTTP API (docs/openapi/intake.json).
+openapi: setup
+	$(BIN)/python -m services.intake.openapi
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

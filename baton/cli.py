@@ -3,25 +3,27 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import signal
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated
 
-import nats
-import orjson
 import typer
-from nats.js.api import ConsumerConfig, DeliverPolicy
 
-from libs.contracts.catalog import parse_duration
 from libs.contracts.catalog_file import CatalogError, load_catalog
-from libs.contracts.subjects import STREAM_NOTIFY, SubjectError, check_slug, department_consumer, notify_filter
 
+from .cmd_metrics import metrics_app
+from .cmd_notify import register as register_notify_commands
+from .cmd_route import route
+from .cmd_tokens import rejected, tokens_app
 from .supervisor import DEFAULT_HTTP_BASE_PORT, DEFAULT_MONITOR_PORT, DEFAULT_NATS_PORT, Stack, StackConfig
 
 app = typer.Typer(help="Baton: requests handed between departments as events.", no_args_is_help=True)
+app.add_typer(tokens_app, name="token")
+app.add_typer(metrics_app, name="metrics")  # rebuild, export
+app.command("rejected")(rejected)
+app.command("route")(route)  # where a sample request would go, and why (--explain)
+register_notify_commands(app)  # tail, webhooks, digest
 
 DEFAULT_URL = f"nats://127.0.0.1:{DEFAULT_NATS_PORT}"
 CatalogOpt = Annotated[Path, typer.Option("--catalog", help="Department catalog (YAML).")]
@@ -98,65 +100,6 @@ def provision_cmd(
 
     report = asyncio.run(provision(nats_url, load_catalog(catalog), num_replicas=replicas))
     typer.echo(str(report))
-
-
-@app.command()
-def tail(
-    department: Annotated[str, typer.Argument(help="Department slug, e.g. it")],
-    nats_url: Annotated[str, typer.Option(help="NATS server URL.")] = DEFAULT_URL,
-    since: Annotated[str | None, typer.Option(help="Replay from this long ago, e.g. 2h, 30m, 1d.")] = None,
-) -> None:
-    """Follow a department's notification stream (resumes where the department's consumer left off)."""
-    try:
-        check_slug(department)
-    except SubjectError as exc:
-        raise typer.BadParameter(str(exc)) from exc
-    with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(_tail(department, nats_url, since))
-
-
-COLOURS = {
-    "created": typer.colors.CYAN,
-    "routed": typer.colors.BLUE,
-    "accepted": typer.colors.GREEN,
-    "delayed": typer.colors.YELLOW,
-    "resolved": typer.colors.BRIGHT_GREEN,
-    "rejected": typer.colors.RED,
-}
-
-
-async def _tail(department: str, nats_url: str, since: str | None) -> None:
-    nc = await nats.connect(nats_url, name=f"baton-tail-{department}")
-    js = nc.jetstream()
-    if since:
-        start = datetime.now(UTC) - parse_duration(since)
-        sub = await js.pull_subscribe(
-            notify_filter(department),
-            stream=STREAM_NOTIFY,
-            config=ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_TIME, opt_start_time=start),
-        )
-        ack = False
-    else:
-        sub = await js.pull_subscribe_bind(department_consumer(department), stream=STREAM_NOTIFY)
-        ack = True
-    typer.secho(f"following {notify_filter(department)} (Ctrl-C to stop)", dim=True)
-    try:
-        while True:
-            try:
-                msgs = await sub.fetch(50, timeout=2)
-            except TimeoutError:
-                continue
-            for msg in msgs:
-                note = orjson.loads(msg.data)
-                kind = note.get("type", "?")
-                when = note.get("created_at") or note.get("rejected_at") or ""
-                label = typer.style(f"{kind:>9}", fg=COLOURS.get(kind, typer.colors.WHITE), bold=True)
-                text = note.get("text") or f"{note.get('code')}: {note.get('message')}"
-                typer.echo(f"{when[:19]} {label} {text}")
-                if ack:
-                    await msg.ack()
-    finally:
-        await nc.close()
 
 
 def main() -> None:

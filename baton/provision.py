@@ -54,7 +54,11 @@ STREAM_FIELDS = (
     "num_replicas",
     "deny_delete",
     "deny_purge",
+    "allow_msg_schedules",
+    "allow_msg_ttl",
 )
+#: Fields whose desired value ``None`` means "don't care" (the server's default is left alone).
+OPTIONAL_FIELDS = frozenset({"description", "allow_msg_schedules", "allow_msg_ttl"})
 CONSUMER_FIELDS = (
     "description",
     "deliver_policy",
@@ -141,6 +145,9 @@ def stream_config(spec: StreamSpec, *, num_replicas: int = 1) -> StreamConfig:
         num_replicas=num_replicas,
         deny_delete=spec.deny_delete,
         deny_purge=spec.deny_purge,
+        # Only streams that need them ask for these (nats-server 2.12+); None leaves other streams untouched.
+        allow_msg_schedules=True if spec.allow_msg_schedules else None,
+        allow_msg_ttl=True if spec.allow_msg_ttl else None,
     )
 
 
@@ -207,11 +214,11 @@ def _same(desired: Any, actual: Any) -> bool:
 def diff(
     desired: StreamConfig | ConsumerConfig, actual: StreamConfig | ConsumerConfig, fields: Sequence[str]
 ) -> tuple[str, ...]:
-    """The fields whose desired value differs from the server's (``description: None`` = don't care)."""
+    """The fields whose desired value differs from the server's (``None`` in an ``OPTIONAL_FIELDS`` = don't care)."""
     return tuple(
         name
         for name in fields
-        if not (name == "description" and getattr(desired, name) is None)
+        if not (name in OPTIONAL_FIELDS and getattr(desired, name) is None)
         and not _same(getattr(desired, name), getattr(actual, name))
     )
 

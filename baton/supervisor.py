@@ -21,6 +21,7 @@ import httpx
 from libs.contracts import Catalog
 from libs.contracts.catalog_file import load_catalog
 
+from .cmd_tokens import ensure_stack_tokens
 from .natsserver import NatsServer, free_port
 from .provision import provision
 
@@ -76,10 +77,16 @@ class Stack:
         self.services: dict[str, ServiceProcess] = {}
         self._watchers: list[asyncio.Task[None]] = []
         self._closing = False
+        self.tokens_path = self.data_dir / "tokens.yaml"
+        self.new_tokens_file: Path | None = None
 
     # --- start ---------------------------------------------------------------------
     async def start(self) -> None:
         (self.data_dir / "logs").mkdir(parents=True, exist_ok=True)
+        # First start (or a data dir from before tokens): one token per department plus an operator token.
+        self.new_tokens_file = ensure_stack_tokens(self.data_dir, [d.slug for d in self.catalog.departments])
+        if self.new_tokens_file is not None:
+            log.info("made department tokens; their only plaintext copy is %s", self.new_tokens_file)
         if not self.nats_url:
             self.nats = NatsServer(
                 self.data_dir / "nats",
@@ -108,6 +115,7 @@ class Stack:
             prefix + "HTTP_HOST": self.config.http_host,
             prefix + "HTTP_PORT": str(port),
             prefix + "CATALOG_PATH": str(self.config.catalog_path.resolve()),
+            prefix + "TOKENS_PATH": str(self.tokens_path),
             "OTEL_SERVICE_NAME": f"baton-{name}",
             **self.config.extra_env,
         }
@@ -142,8 +150,13 @@ class Stack:
             now = time.monotonic()
             svc.restarts = [t for t in svc.restarts if now - t < RESTART_WINDOW] + [now]
             if len(svc.restarts) > MAX_RESTARTS:
-                log.error("%s exited %d times within %.0fs; giving up (see %s)", svc.name, MAX_RESTARTS,
-                          RESTART_WINDOW, svc.log_path)  # fmt: skip
+                log.error(
+                    "%s exited %d times within %.0fs; giving up (see %s)",
+                    svc.name,
+                    MAX_RESTARTS,
+                    RESTART_WINDOW,
+                    svc.log_path,
+                )
                 return
             delay = min(2.0 ** (len(svc.restarts) - 1), 10.0)
             log.warning("%s exited with %s; restarting in %.0fs (log: %s)", svc.name, code, delay, svc.log_path)
@@ -209,6 +222,10 @@ class Stack:
             rows.append(("dashboard", f"{metrics.url}/"))
             rows.append(("timeline API", f"{metrics.url}/v1/requests/<request_id>/timeline"))
         rows.append(("data", str(self.data_dir)))
+        if self.new_tokens_file is not None:
+            rows.append(("tokens", f"{self.new_tokens_file} (new; the only plaintext copy: hand them out, delete it)"))
+        else:
+            rows.append(("tokens", f"{self.tokens_path} (hashes; `baton token new <dept>` makes another)"))
         rows.append(("logs", str(self.data_dir / "logs")))
         return rows
 

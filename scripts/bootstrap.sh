@@ -10,3 +10,12 @@ if ! "$PY" -c "import venv, ensurepip" >/dev/null 2>&1; then
     $SUDO apt-get update -qq
     $SUDO apt-get install -y -qq python3-venv >/dev/null
 fi
+# The dashboard's browser tests (tests/browser) drive Debian's own headless Chromium through
+# Playwright's executable_path: the distribution's package, never `playwright install`.
+if [ ! -x /usr/bin/chromium ]; then
+    echo "bootstrap: installing chromium (for the dashboard's browser tests)"
+    SUDO=""
+    [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+    $SUDO apt-get update -qq
+    $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+fi

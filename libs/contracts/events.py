@@ -171,7 +171,7 @@ class Commented(Envelope):
 
 class SlaClock(StrEnum):
     ACCEPT = "accept"  # time for the holding department to accept a handoff
-    RESOLVE = "resolve"  # time for the holding department to resolve after accepting
+    RESOLVE = "resolve"  # time for the holding department to resolve, counted from the handoff
 
 
 class Returned(Envelope):

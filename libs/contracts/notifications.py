@@ -34,6 +34,15 @@ class Notification(StrictModel):
     event: LifecycleEvent
     trace_id: str | None = None
     created_at: Timestamp
+    # Structured facts for machines (optional, additive): the state after the event, as the notifier knows it.
+    requester_department: Slug | None = Field(default=None, description="The department that raised the request.")
+    holder_department: Slug | None = Field(
+        default=None, description="The department holding the request after this event (none while unassigned)."
+    )
+    eta: Timestamp | None = Field(default=None, description="The committed ETA after this event, if any.")
+    previous_eta: Timestamp | None = Field(default=None, description="The ETA this event replaced (delayed).")
+    delay_count: int | None = Field(default=None, ge=0, description="How many times the request was delayed so far.")
+    time_zone: str | None = Field(default=None, description="IANA zone the times in `text` are shown in.")
 
 
 class FieldError(StrictModel):

@@ -17,6 +17,7 @@ STREAM_IN = "BATON_IN"
 STREAM_EVENTS = "BATON_EVENTS"
 STREAM_NOTIFY = "BATON_NOTIFY"
 STREAM_DLQ = "BATON_DLQ"
+STREAM_TIMERS = "BATON_TIMERS"
 
 # --- subject prefixes ----------------------------------------------------------
 INBOUND_PREFIX = "baton.in"  # baton.in.<dept>.<type>        (line-of-business systems)
@@ -24,6 +25,14 @@ SERVICE_PREFIX = "baton.svc"  # baton.svc.<service>.<type>    (events Baton's se
 EVENTS_PREFIX = "baton.events"  # baton.events.<request_id>.<type>  (canonical log, written by intake)
 NOTIFY_PREFIX = "baton.notify"  # baton.notify.<dept>.<type>
 DLQ_PREFIX = "baton.dlq"  # baton.dlq.<service>.<code>
+#: Routing's durable SLA timers (JetStream message schedules): a schedule is held on
+#: baton.timers.sched.<request_id>.<dept>.<clock>.<episode>.<kind> and, at its time, the server
+#: publishes it to baton.timers.due.<same tokens>, which routing consumes. Internal to routing.
+TIMERS_PREFIX = "baton.timers"
+TIMER_SCHEDULE_PREFIX = f"{TIMERS_PREFIX}.sched"
+TIMER_DUE_PREFIX = f"{TIMERS_PREFIX}.due"
+TIMER_CLOCKS = ("accept", "resolve")
+TIMER_KINDS = ("warning", "breach")
 
 SERVICES = ("intake", "routing", "notifier", "metrics")
 
@@ -32,6 +41,7 @@ CONSUMER_INTAKE = "intake"  # on BATON_IN
 CONSUMER_ROUTING = "routing"  # on BATON_EVENTS
 CONSUMER_NOTIFIER = "notifier"  # on BATON_EVENTS
 CONSUMER_METRICS = "metrics"  # on BATON_EVENTS
+CONSUMER_ROUTING_TIMERS = "routing-timers"  # on BATON_TIMERS (baton.timers.due.>)
 
 MINUTE = 60.0
 HOUR = 60 * MINUTE
@@ -94,6 +104,23 @@ def dlq_subject(service: str, code: str) -> str:
     return f"{DLQ_PREFIX}.{check_service(service)}.{check_event_type(code)}"
 
 
+def _timer_tokens(request_id: str, dept: str, clock: str, episode: int, kind: str) -> str:
+    _check("clock", clock, clock in TIMER_CLOCKS)
+    _check("timer kind", kind, kind in TIMER_KINDS)
+    _check("episode", str(episode), isinstance(episode, int) and not isinstance(episode, bool) and episode >= 1)
+    return f"{check_request_id(request_id)}.{check_slug(dept)}.{clock}.{episode}.{kind}"
+
+
+def timer_schedule_subject(request_id: str, dept: str, clock: str, episode: int, kind: str) -> str:
+    """Where routing holds one SLA timer's schedule (one message per subject: publishing again replaces it)."""
+    return f"{TIMER_SCHEDULE_PREFIX}.{_timer_tokens(request_id, dept, clock, episode, kind)}"
+
+
+def timer_due_subject(request_id: str, dept: str, clock: str, episode: int, kind: str) -> str:
+    """Where the server publishes that timer when it is due (the schedule's ``Nats-Schedule-Target``)."""
+    return f"{TIMER_DUE_PREFIX}.{_timer_tokens(request_id, dept, clock, episode, kind)}"
+
+
 def department_consumer(dept: str) -> str:
     """Durable consumer name of a department's notification stream."""
     return f"dept-{check_slug(dept)}"
@@ -153,6 +180,10 @@ class StreamSpec:
     max_msg_size: int = 1 << 20
     deny_delete: bool = False
     deny_purge: bool = False
+    #: JetStream message schedules (nats-server 2.12+): ``Nats-Schedule`` headers are honoured.
+    allow_msg_schedules: bool = False
+    #: Per-message TTL (``Nats-TTL``; also what ``Nats-Schedule-TTL`` sets on the messages a schedule produces).
+    allow_msg_ttl: bool = False
 
 
 @dataclass(frozen=True)
@@ -204,6 +235,19 @@ STREAMS: tuple[StreamSpec, ...] = (
         max_age_seconds=30 * DAY,
         duplicate_window_seconds=20 * MINUTE,
     ),
+    StreamSpec(
+        STREAM_TIMERS,
+        (f"{TIMERS_PREFIX}.>",),
+        "Routing's durable SLA timers: schedules (baton.timers.sched.>) and the due messages they produce "
+        "(baton.timers.due.>).",
+        # A schedule may wait for weeks (a long SLA, paused clocks): never age it out. Due messages expire
+        # through their own TTL (Nats-Schedule-TTL), and routing's database is the truth about every clock.
+        max_age_seconds=0,
+        duplicate_window_seconds=2 * MINUTE,
+        max_msg_size=64 * 1024,
+        allow_msg_schedules=True,
+        allow_msg_ttl=True,
+    ),
 )
 
 SERVICE_CONSUMERS: tuple[ConsumerSpec, ...] = (
@@ -211,6 +255,15 @@ SERVICE_CONSUMERS: tuple[ConsumerSpec, ...] = (
     ConsumerSpec(STREAM_EVENTS, CONSUMER_ROUTING, "Routing decides the provider of new requests."),
     ConsumerSpec(STREAM_EVENTS, CONSUMER_NOTIFIER, "Notifier fans events out to department streams."),
     ConsumerSpec(STREAM_EVENTS, CONSUMER_METRICS, "Metrics projects timelines and KPIs."),
+    ConsumerSpec(
+        STREAM_TIMERS,
+        CONSUMER_ROUTING_TIMERS,
+        "Routing's due SLA timers (warnings and breaches).",
+        filter_subjects=(f"{TIMER_DUE_PREFIX}.>",),
+        # A due timer waits while routing catches up on the request's events (nak with a delay): it must
+        # never run out of deliveries and be dropped. Routing dead-letters an unreadable one itself.
+        max_deliver=-1,
+    ),
 )
 
 

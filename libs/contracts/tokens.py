@@ -114,7 +114,7 @@ class TokenRegistry:
         self.path = path
         self._clock = clock
         self._by_hash: dict[str, TokenEntry] = {}
-        self._stamp: tuple[float, int] | None = None
+        self._stamp: tuple[int, int, int] | None = None
         self._lock = threading.Lock()
         self.last_error: str | None = None
         self.refresh()
@@ -124,9 +124,10 @@ class TokenRegistry:
             return
         try:
             stat = self.path.stat()
-            stamp = (stat.st_mtime, stat.st_size)
+            # The inode too: save_token_file replaces the file, which may keep its mtime tick and size.
+            stamp = (stat.st_mtime_ns, stat.st_size, stat.st_ino)
         except FileNotFoundError:
-            stamp = (0.0, 0)
+            stamp = (0, 0, 0)
         if stamp == self._stamp:
             return
         with self._lock:

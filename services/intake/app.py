@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Annotated, Any
 
 import nats
-from fastapi import FastAPI, HTTPException, Path, Query
+from fastapi import FastAPI
 from faststream.nats import NatsBroker
 from faststream.nats.opentelemetry import NatsTelemetryMiddleware
 from faststream.nats.prometheus import NatsPrometheusMiddleware
@@ -21,11 +22,10 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from prometheus_client import CollectorRegistry, make_asgi_app
 from starlette.responses import JSONResponse
 
-from libs.contracts import loads
-from libs.contracts.envelope import ID_PATTERN, SLUG_PATTERN
 from libs.contracts.subjects import CONSUMER_INTAKE, STREAM_IN
+from libs.contracts.tokens import TokenRegistry
 
-from . import db
+from . import api, db
 from .handlers import IntakeProcessor, build_router
 from .settings import IntakeSettings
 
@@ -75,10 +75,14 @@ def create_app(settings: IntakeSettings, *, tracer_provider: TracerProvider | No
         await broker.publish(body, subject, headers={"Nats-Msg-Id": msg_id}, stream=stream, timeout=10)
 
     processor = IntakeProcessor(database, publish)
+    tracer = tracer_provider.get_tracer("baton.intake")
+    tokens = TokenRegistry(settings.tokens_path)
+    if settings.tokens_path is None:
+        log.warning("no token file (BATON_INTAKE_TOKENS_PATH): the HTTP API refuses every call")
     broker.include_router(
         build_router(
             processor,
-            tracer=tracer_provider.get_tracer("baton.intake"),
+            tracer=tracer,
             batch_size=settings.fetch_batch,
             fetch_timeout=settings.fetch_timeout,
             retry_delay=settings.retry_delay,
@@ -91,9 +95,13 @@ def create_app(settings: IntakeSettings, *, tracer_provider: TracerProvider | No
         await require_consumer(servers, STREAM_IN, CONSUMER_INTAKE)
         await broker.start()
         log.info("intake consuming %s/%s", STREAM_IN, CONSUMER_INTAKE)
+        outbox = asyncio.create_task(_drain_outbox(processor, settings.outbox_interval), name="intake-outbox")
         try:
             yield
         finally:
+            outbox.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await outbox
             await broker.stop()
             await database.close()
             tracer_provider.shutdown()
@@ -103,7 +111,12 @@ def create_app(settings: IntakeSettings, *, tracer_provider: TracerProvider | No
     app.state.broker = broker
     app.state.database = database
     app.state.processor = processor
+    app.state.tracer = tracer
+    app.state.tokens = tokens
     app.mount("/metrics", make_asgi_app(registry))
+    app.include_router(api.router)
+    api.install_error_handlers(app)
+    api.install_openapi(app)
 
     @app.get("/healthz", tags=["ops"])
     async def healthz() -> dict[str, str]:
@@ -116,50 +129,17 @@ def create_app(settings: IntakeSettings, *, tracer_provider: TracerProvider | No
             {"ready": all(checks.values()), "checks": checks}, status_code=200 if all(checks.values()) else 503
         )
 
-    @app.get("/v1/requests/{request_id}", tags=["requests"])
-    async def get_request(request_id: Annotated[str, Path(pattern=ID_PATTERN)]) -> dict[str, Any]:
-        async with database.transaction() as session:
-            row = await db.load_request(session, request_id, for_update=False)
-            if row is None:
-                raise HTTPException(404, f"request {request_id} not found")
-            events = await db.request_events(session, request_id)
-        state = row.to_state()
-        return {
-            "request_id": row.request_id,
-            "state": row.state,
-            "requester_department": row.requester_department,
-            "holder_department": row.holder_department,
-            "sequence": row.last_sequence,
-            "eta": state.eta.isoformat() if state.eta else None,
-            "delay_count": row.delay_count,
-            "title": row.title,
-            "trace_id": row.trace_id,
-            "events": [loads(e.canonical) for e in events],
-        }
-
-    @app.get("/v1/rejections", tags=["rejections"])
-    async def rejections(
-        department: Annotated[str | None, Query(pattern=SLUG_PATTERN)] = None,
-        limit: Annotated[int, Query(ge=1, le=500)] = 50,
-    ) -> list[dict[str, Any]]:
-        async with database.transaction() as session:
-            rows = await db.recent_rejections(session, department, limit)
-        return [
-            {
-                "department": r.department,
-                "subject": r.subject,
-                "event_id": r.event_id,
-                "request_id": r.request_id,
-                "event_type": r.event_type,
-                "code": r.code,
-                "message": r.message,
-                "errors": r.errors,
-                "rejected_at": r.rejected_at.isoformat(),
-            }
-            for r in rows
-        ]
-
     return app
+
+
+async def _drain_outbox(processor: IntakeProcessor, interval: float) -> None:
+    """Publish what HTTP submissions committed but could not confirm (NATS down, a crash)."""
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            await processor.publish_pending(older_than=interval)
+        except Exception:
+            log.warning("outbox: publishing pending canonical events failed; retrying", exc_info=True)
 
 
 async def _db_ok(database: db.Database) -> bool:

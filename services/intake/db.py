@@ -5,14 +5,16 @@ SQLAlchemy 2 (async). SQLite is the embedded default, PostgreSQL the production 
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, overload
 
-from sqlalchemy import JSON, DateTime, Integer, String, Text, UniqueConstraint, event, select, update
+from sqlalchemy import JSON, DateTime, Integer, String, Text, UniqueConstraint, delete, event, select, update
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -51,7 +53,7 @@ class RequestRow(Base):
             requester_department=self.requester_department,
             holder_department=self.holder_department,
             last_sequence=self.last_sequence,
-            eta=_aware(self.eta),
+            eta=aware(self.eta),
             delay_count=self.delay_count,
             title=self.title,
             trace_id=self.trace_id,
@@ -93,7 +95,23 @@ class RejectionRow(Base):
     rejected_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
-def _aware(value: datetime | None) -> datetime | None:
+class PendingPublish(Base):
+    """The outbox of the HTTP path: canonical events committed but not yet confirmed by a PubAck.
+
+    (Over NATS the inbound message is only acked after the PubAck, so redelivery repairs a lost one.)
+    """
+
+    __tablename__ = "pending_publish"
+
+    event_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
+
+
+@overload
+def aware(value: datetime) -> datetime: ...
+@overload
+def aware(value: None) -> None: ...
+def aware(value: datetime | None) -> datetime | None:
     """SQLite returns naive datetimes; everything Baton stores is UTC."""
     if value is not None and value.tzinfo is None:
         return value.replace(tzinfo=UTC)
@@ -120,9 +138,25 @@ def make_engine(url: str) -> AsyncEngine:
     return create_async_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5)
 
 
+#: Serialises schema creation between replicas starting together on PostgreSQL (any constant works).
+SCHEMA_LOCK_KEY = 0x6261746F6E01  # "baton" + 1
+
+
 async def create_schema(engine: AsyncEngine) -> None:
-    async with engine.begin() as conn:
-        await conn.run_sync(Base.metadata.create_all)
+    """Create missing tables; safe when several replicas start at once on an empty database."""
+    for attempt in range(5):
+        try:
+            async with engine.begin() as conn:
+                if conn.dialect.name == "postgresql":
+                    await conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({SCHEMA_LOCK_KEY})")
+                await conn.run_sync(Base.metadata.create_all)
+            return
+        except (OperationalError, IntegrityError, ProgrammingError) as exc:
+            # SQLite has no advisory lock: another process created a table between our check and our
+            # CREATE. The next pass sees it and skips it.
+            if "already exists" not in str(exc) or attempt == 4:
+                raise
+            await asyncio.sleep(0.05 * (attempt + 1))
 
 
 class Database:
@@ -199,6 +233,22 @@ async def save_state(session: AsyncSession, row: RequestRow | None, new: Request
     )
     if getattr(result, "rowcount", 1) != 1:
         raise ConcurrentUpdate(new.request_id)
+
+
+async def clear_pending(session: AsyncSession, event_id: str) -> None:
+    await session.execute(delete(PendingPublish).where(PendingPublish.event_id == event_id))
+
+
+async def pending_events(session: AsyncSession, older_than: datetime, limit: int = 500) -> list[EventRow]:
+    """Outbox entries older than ``older_than``, as their canonical events, in per-request order."""
+    stmt = (
+        select(EventRow)
+        .join(PendingPublish, PendingPublish.event_id == EventRow.event_id)
+        .where(PendingPublish.created_at < older_than)
+        .order_by(EventRow.request_id, EventRow.sequence)
+        .limit(limit)
+    )
+    return list((await session.execute(stmt)).scalars())
 
 
 class ConcurrentUpdate(RuntimeError):

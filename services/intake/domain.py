@@ -135,6 +135,9 @@ def check_inbound(subject: str, data: bytes) -> Checked | Rejected:
         msg = f"fields set by intake must be omitted: {', '.join(stamped)}"
         return Rejected(Refusal(RejectionCode.STAMPED_FIELD, msg, errors), parsed, document)
 
+    if parsed.source == "department" and parsed.department == SYSTEM_DEPARTMENT:
+        msg = f"the slug {SYSTEM_DEPARTMENT!r} is reserved for Baton's own services"
+        return Rejected(Refusal(RejectionCode.NOT_ALLOWED, msg), parsed, document)
     if parsed.source == "department" and parsed.event_type not in INBOUND_TYPES:
         msg = f"departments may publish {sorted(INBOUND_TYPES)}, not {parsed.event_type!r}"
         return Rejected(Refusal(RejectionCode.NOT_ALLOWED, msg), parsed, document)
@@ -283,6 +286,10 @@ def decide(current: RequestState | None, event: LifecycleEvent) -> RequestState 
         if event.to_department == dept:
             return _refuse(
                 RejectionCode.ILLEGAL_TRANSITION, "reassign to another department, not to yourself", "to_department"
+            )
+        if event.to_department == SYSTEM_DEPARTMENT:
+            return _refuse(
+                RejectionCode.NOT_ALLOWED, f"{SYSTEM_DEPARTMENT!r} is reserved for Baton's services", "to_department"
             )
         return replace(nxt, state=State.ROUTED, holder_department=event.to_department, eta=None)
 

@@ -19,7 +19,7 @@ import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Protocol, cast
 
@@ -95,6 +95,22 @@ class Inbound:
     num_delivered: int
 
 
+@dataclass(frozen=True)
+class Appended:
+    """The canonical event a submission produced, or found already appended (``duplicate``)."""
+
+    event_id: str
+    request_id: str
+    type: str
+    sequence: int
+    canonical: str  # the exact JSON published on BATON_EVENTS
+    duplicate: bool
+
+    @classmethod
+    def of(cls, row: db.EventRow, *, duplicate: bool) -> Appended:
+        return cls(row.event_id, row.request_id, row.type, row.sequence, row.canonical, duplicate)
+
+
 class IntakeProcessor:
     def __init__(
         self,
@@ -111,43 +127,107 @@ class IntakeProcessor:
         if isinstance(checked, Rejected):
             await self._reject(msg, checked.refusal, checked)
             return Outcome.REJECTED
+        result = await self.submit(checked)
+        if isinstance(result, Refusal):
+            await self._reject(msg, result, checked)
+            return Outcome.REJECTED
+        return Outcome.DUPLICATE if result.duplicate else Outcome.APPLIED
+
+    async def submit(self, checked: Checked, *, outbox: bool = False) -> Appended | Refusal:
+        """Decide, commit and publish a checked event: the one path for NATS and HTTP submissions.
+
+        Idempotent on ``event_id`` whatever the channel: a known event_id with the same payload
+        republishes the stored canonical bytes (``duplicate=True``); with another payload it is an
+        ``id_conflict``. With ``outbox`` (HTTP, where no redelivery repairs a lost PubAck) the
+        commit also records the event as unpublished until its PubAck arrives;
+        :meth:`publish_pending` publishes what a crash or a NATS outage left behind.
+        """
         for _attempt in range(5):
             try:
-                return await self._apply(msg, checked)
+                result = await self._apply(checked, outbox)
+                break
             except (db.ConcurrentUpdate, IntegrityError):
-                # Another intake replica advanced this request (or appended this event_id) first:
-                # re-read and decide again.
+                # Another writer (an intake replica, or the other channel) advanced this request or
+                # appended this event_id first: re-read and decide again.
                 log.info("concurrent update on %s, retrying", checked.event.request_id)
-        raise RuntimeError(f"request {checked.event.request_id}: too many concurrent updates")
+        else:
+            raise RuntimeError(f"request {checked.event.request_id}: too many concurrent updates")
+        if isinstance(result, Refusal):
+            return result
+        # Published after the commit; on a crash here, redelivery (NATS) or the outbox (HTTP) publishes again.
+        await self._publish_canonical(result.event_id, result.request_id, result.type, result.canonical)
+        if outbox:
+            async with self.db.transaction() as session:
+                await db.clear_pending(session, result.event_id)
+        return result
 
-    async def _apply(self, msg: Inbound, checked: Checked) -> Outcome:
+    async def _apply(self, checked: Checked, outbox: bool = False) -> Appended | Refusal:
         event = checked.event
         async with self.db.transaction() as session:
             existing = await db.find_event(session, event.event_id)
             if existing is not None:
-                canonical_row: db.EventRow | None = existing
-                refusal: Refusal | None = None
                 if existing.payload_hash != checked.payload_hash:
-                    refusal = Refusal(
+                    return Refusal(
                         RejectionCode.ID_CONFLICT,
                         f"event_id {event.event_id} was already used for a different event",
                         (FieldError(loc=["event_id"], code="id_conflict", message="already used"),),
                     )
-            else:
-                canonical_row, refusal = await self._decide_and_append(session, event)
+                return Appended.of(existing, duplicate=True)
+            row, refusal = await self._decide_and_append(session, event)
+            if refusal is not None:
+                return refusal
+            assert row is not None
+            if outbox:
+                session.add(db.PendingPublish(event_id=row.event_id, created_at=row.recorded_at))
+            return Appended.of(row, duplicate=False)
 
-        if refusal is not None:
-            await self._reject(msg, refusal, checked)
-            return Outcome.REJECTED
-        assert canonical_row is not None
-        # Published after the commit; on a crash here, redelivery finds the row and publishes again.
+    async def _publish_canonical(self, event_id: str, request_id: str, event_type: str, canonical: str) -> None:
         await self.publish(
-            event_subject(canonical_row.request_id, canonical_row.type),
-            canonical_row.canonical.encode(),
-            msg_id=canonical_row.event_id,
-            stream=STREAM_EVENTS,
+            event_subject(request_id, event_type), canonical.encode(), msg_id=event_id, stream=STREAM_EVENTS
         )
-        return Outcome.DUPLICATE if existing is not None else Outcome.APPLIED
+
+    async def publish_pending(self, older_than: float) -> int:
+        """Publish the canonical events an HTTP submission committed but never saw confirmed (the outbox)."""
+        cutoff = self.clock() - timedelta(seconds=older_than)
+        async with self.db.transaction() as session:
+            rows = await db.pending_events(session, cutoff)
+        for row in rows:
+            await self._publish_canonical(row.event_id, row.request_id, row.type, row.canonical)
+            async with self.db.transaction() as session:
+                await db.clear_pending(session, row.event_id)
+        if rows:
+            log.info("published %d canonical events left in the outbox", len(rows))
+        return len(rows)
+
+    async def record_rejection(
+        self,
+        *,
+        source_key: str,
+        department: str | None,
+        subject: str,
+        event_id: str | None,
+        request_id: str | None,
+        event_type: str | None,
+        refusal: Refusal,
+        rejected_at: datetime | None = None,
+    ) -> None:
+        """Record a refusal once per ``source_key`` (``nats:<stream seq>`` or ``http:<uuid>``)."""
+        async with self.db.transaction() as session:
+            if not await _rejection_exists(session, source_key):
+                session.add(
+                    db.RejectionRow(
+                        source_key=source_key,
+                        department=department,
+                        subject=subject[:256],
+                        event_id=(event_id or "")[:64] or None,
+                        request_id=(request_id or "")[:64] or None,
+                        event_type=(event_type or "")[:32] or None,
+                        code=refusal.code.value,
+                        message=refusal.message,
+                        errors=[e.model_dump(mode="json") for e in refusal.errors],
+                        rejected_at=rejected_at or self.clock(),
+                    )
+                )
 
     async def _decide_and_append(
         self, session: AsyncSession, event: LifecycleEvent
@@ -189,23 +269,16 @@ class IntakeProcessor:
             event_id = _str_or_none(doc.get("event_id"))
             request_id = _str_or_none(doc.get("request_id"))
             event_type = checked.parsed.event_type
-        source_key = f"nats:{msg.stream_sequence}"
-        async with self.db.transaction() as session:
-            if not await _rejection_exists(session, source_key):
-                session.add(
-                    db.RejectionRow(
-                        source_key=source_key,
-                        department=department,
-                        subject=msg.subject[:256],
-                        event_id=(event_id or "")[:64] or None,
-                        request_id=(request_id or "")[:64] or None,
-                        event_type=event_type,
-                        code=refusal.code.value,
-                        message=refusal.message,
-                        errors=[e.model_dump(mode="json") for e in refusal.errors],
-                        rejected_at=now,
-                    )
-                )
+        await self.record_rejection(
+            source_key=f"nats:{msg.stream_sequence}",
+            department=department,
+            subject=msg.subject,
+            event_id=event_id,
+            request_id=request_id,
+            event_type=event_type,
+            refusal=refusal,
+            rejected_at=now,
+        )
         log.info("refused %s (%s): %s", msg.subject[:128], refusal.code.value, refusal.message)
         await self._dead_letter(msg, refusal.code.value, refusal.message, list(refusal.errors), department, event_id)
         if department is not None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -18,3 +20,11 @@ class IntakeSettings(BaseSettings):
     retry_delay: float = Field(default=2.0, gt=0, description="Seconds before a failed message is redelivered.")
     graceful_timeout: float = Field(default=15.0, gt=0, description="Seconds to drain in-flight work on SIGTERM.")
     log_level: str = "INFO"
+    tokens_path: Path | None = Field(
+        default=None,
+        description="Department token file (libs/contracts/tokens.py), re-read when it changes; "
+        "without it the HTTP API refuses every call with 401.",
+    )
+    outbox_interval: float = Field(
+        default=5.0, gt=0, description="Seconds between publishes of HTTP-committed events that missed their PubAck."
+    )

@@ -1,8 +1,11 @@
-"""Metrics' own database: every canonical event it projected, and who is party to which request.
+"""Metrics' own database: every canonical event it projected, who is party to which request, and the
+per-request facts the KPIs are computed from.
 
 SQLAlchemy 2 (async). SQLite is the embedded default, PostgreSQL the production database.
-The projection is insert-only: an event is stored once (unique ``event_id`` and unique
-``(request_id, sequence)``); timelines are computed from the stored events at read time.
+The event store is insert-only: an event is stored once (unique ``event_id`` and unique
+``(request_id, sequence)``); timelines are computed from the stored events at read time. The
+``facts`` row of a request is recomputed from all of its stored events whenever one is added, in
+the same transaction, so it never depends on the order in which the events arrived.
 """
 
 from __future__ import annotations
@@ -14,16 +17,18 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import BigInteger, DateTime, Integer, String, Text, UniqueConstraint, event, func, select
+from sqlalchemy import BigInteger, DateTime, Integer, String, Text, UniqueConstraint, delete, event, func, or_, select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+from libs.contracts import parse_event
 from libs.contracts.notifications import Role
 
 from .domain import Canonical
+from .facts import TERMINAL_STATES, RequestFacts, build_facts
 
 
 def utcnow() -> datetime:
@@ -62,6 +67,21 @@ class PartyRow(Base):
     request_id: Mapped[str] = mapped_column(String(64), primary_key=True)
     department: Mapped[str] = mapped_column(String(32), primary_key=True, index=True)
     role: Mapped[str] = mapped_column(String(16), primary_key=True)
+
+
+class FactsRow(Base):
+    """The facts of one request (``services.metrics.facts.RequestFacts`` as JSON), derived from its events."""
+
+    __tablename__ = "facts"
+
+    request_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    requester: Mapped[str | None] = mapped_column(String(32), index=True)
+    holder: Mapped[str | None] = mapped_column(String(32), index=True)
+    state: Mapped[str | None] = mapped_column(String(16))
+    created_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    last_event_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), index=True)
+    derived_through: Mapped[int] = mapped_column(Integer)
+    facts: Mapped[str] = mapped_column(Text)
 
 
 def make_engine(url: str) -> AsyncEngine:
@@ -189,3 +209,141 @@ def event_values(checked: Canonical, canonical: str, stream_sequence: int | None
         "stream_sequence": stream_sequence,
         "projected_at": now,
     }
+
+
+# --- the facts projection -------------------------------------------------------------------
+def facts_values(facts: RequestFacts) -> dict[str, Any]:
+    return {
+        "request_id": facts.request_id,
+        "requester": facts.requester,
+        "holder": facts.holder,
+        "state": facts.state,
+        "created_at": facts.created_at,
+        "last_event_at": facts.last_event_at,
+        "derived_through": facts.derived_through,
+        "facts": facts.model_dump_json(),
+    }
+
+
+async def refresh_facts(session: AsyncSession, request_id: str) -> tuple[RequestFacts | None, RequestFacts]:
+    """Recompute a request's facts from all of its stored events; returns ``(before, after)``."""
+    rows = await request_events(session, request_id)
+    after = build_facts(parse_event(r.canonical) for r in rows)
+    existing = await session.get(FactsRow, request_id)
+    before = RequestFacts.model_validate_json(existing.facts) if existing is not None else None
+    values = facts_values(after)
+    if existing is None:
+        session.add(FactsRow(**values))
+    else:
+        for key, value in values.items():
+            setattr(existing, key, value)
+    await session.flush()
+    return before, after
+
+
+async def load_facts(session: AsyncSession, since: datetime | None = None) -> list[RequestFacts]:
+    """Facts of every request with an event at or after ``since``, plus every open request (all when None)."""
+    stmt = select(FactsRow.facts).order_by(FactsRow.request_id)
+    if since is not None:
+        stmt = stmt.where(
+            or_(FactsRow.last_event_at >= since, FactsRow.state.is_(None), FactsRow.state.not_in(TERMINAL_STATES))
+        )
+    return [RequestFacts.model_validate_json(text) for text in (await session.execute(stmt)).scalars()]
+
+
+async def facts_of(session: AsyncSession, request_id: str) -> RequestFacts | None:
+    row = await session.get(FactsRow, request_id)
+    return None if row is None else RequestFacts.model_validate_json(row.facts)
+
+
+async def is_party(session: AsyncSession, request_id: str, department: str) -> bool:
+    stmt = select(PartyRow.request_id).where(PartyRow.request_id == request_id, PartyRow.department == department)
+    return (await session.execute(stmt.limit(1))).first() is not None
+
+
+async def party_requests(session: AsyncSession, department: str, request_ids: Iterable[str]) -> set[str]:
+    """Which of ``request_ids`` the department is party to."""
+    ids = list(request_ids)
+    if not ids:
+        return set()
+    stmt = select(PartyRow.request_id).where(PartyRow.department == department, PartyRow.request_id.in_(ids))
+    return set((await session.execute(stmt)).scalars())
+
+
+async def open_by_holder(session: AsyncSession) -> dict[str, int]:
+    """Open requests per holding department (for the Prometheus gauge)."""
+    stmt = (
+        select(FactsRow.holder, func.count())
+        .where(FactsRow.holder.is_not(None), FactsRow.state.not_in(TERMINAL_STATES))
+        .group_by(FactsRow.holder)
+    )
+    return {str(holder): int(count) for holder, count in (await session.execute(stmt)).all()}
+
+
+# --- snapshots: comparing and replacing a whole projection (``baton metrics rebuild``) -------
+#: Columns that say when or through which message something was projected, not what: left out of comparisons.
+VOLATILE = {"projected_at", "stream_sequence"}
+TABLES: tuple[type[Base], ...] = (EventRow, PartyRow, FactsRow)
+
+
+def _key(table: type[Base], row: dict[str, Any]) -> tuple[Any, ...]:
+    return tuple(row[c.name] for c in table.__table__.primary_key.columns)  # type: ignore[attr-defined]
+
+
+def _normal(value: Any) -> Any:
+    """Datetimes in UTC, aware (SQLite hands back naive UTC, PostgreSQL aware values)."""
+    if isinstance(value, datetime):
+        return value.astimezone(UTC) if value.tzinfo else value.replace(tzinfo=UTC)
+    return value
+
+
+async def snapshot(
+    session: AsyncSession, *, volatile: bool = False
+) -> dict[str, dict[tuple[Any, ...], dict[str, Any]]]:
+    """Every row of the projection, by table and primary key (without the volatile columns unless asked)."""
+    out: dict[str, dict[tuple[Any, ...], dict[str, Any]]] = {}
+    for table in TABLES:
+        columns = [c for c in table.__table__.columns if volatile or c.name not in VOLATILE]  # type: ignore[attr-defined]
+        rows = (await session.execute(select(*columns))).mappings()
+        out[table.__tablename__] = {_key(table, dict(r)): {k: _normal(v) for k, v in r.items()} for r in rows}
+    return out
+
+
+def differences(
+    left: dict[str, dict[tuple[Any, ...], dict[str, Any]]], right: dict[str, dict[tuple[Any, ...], dict[str, Any]]]
+) -> dict[str, dict[str, int]]:
+    """Per table: rows only on the left, only on the right, and rows that differ."""
+    out: dict[str, dict[str, int]] = {}
+    for name in sorted(set(left) | set(right)):
+        a, b = left.get(name, {}), right.get(name, {})
+        out[name] = {
+            "only_live": len(a.keys() - b.keys()),
+            "only_rebuilt": len(b.keys() - a.keys()),
+            "different": sum(1 for k in a.keys() & b.keys() if a[k] != b[k]),
+        }
+    return out
+
+
+async def replace_all(session: AsyncSession, rows: dict[str, list[dict[str, Any]]]) -> None:
+    """Replace the whole projection with ``rows`` (every column, by table name) in the caller's transaction."""
+    for table in reversed(TABLES):
+        await session.execute(delete(table))
+    for table in TABLES:
+        batch = rows.get(table.__tablename__, [])
+        for start in range(0, len(batch), 500):
+            await session.execute(table.__table__.insert(), batch[start : start + 500])  # type: ignore[attr-defined]
+
+
+async def dump_all(session: AsyncSession) -> dict[str, list[dict[str, Any]]]:
+    """Every row of every projection table, every column (for :func:`replace_all`)."""
+    out: dict[str, list[dict[str, Any]]] = {}
+    for table in TABLES:
+        result = await session.execute(select(*table.__table__.columns))  # type: ignore[attr-defined]
+        out[table.__tablename__] = [{k: _normal(v) for k, v in r.items()} for r in result.mappings()]
+    return out
+
+
+async def fingerprint(session: AsyncSession) -> tuple[int, datetime | None]:
+    """How many events are projected and when the last one was (changes whenever the projection does)."""
+    count, last = (await session.execute(select(func.count(), func.max(EventRow.projected_at)))).one()
+    return int(count), _normal(last)

@@ -44,6 +44,8 @@ from libs.contracts.events import (
 from libs.contracts.notifications import FieldError, Role
 from libs.contracts.subjects import SubjectError, event_subject
 
+from .facts import accept_clock, build_facts, resolve_clock
+
 #: Fields of the envelope; an event's ``detail`` is everything else (and not ``type``).
 ENVELOPE_FIELDS: frozenset[str] = frozenset(Envelope.model_fields) | {"type"}
 SUMMARY_TEXT_LIMIT = 120
@@ -186,6 +188,17 @@ class Sla(_Out):
     resolve_breached: bool | None = Field(default=None, description="None when there is no resolve_by.")
 
 
+class SlaClock(_Out):
+    """One holder's accept or resolve clock as routing judged it (see docs/metrics.md, "SLA clocks")."""
+
+    department: str
+    clock: str
+    deadline: datetime | None
+    breached: bool
+    escalated: bool
+    settled_at: datetime | None = Field(description="When it was met or breached; None while it runs.")
+
+
 class Timeline(_Out):
     request_id: str
     title: str | None
@@ -205,6 +218,10 @@ class Timeline(_Out):
     totals: dict[str, float] = Field(description="Seconds per segment kind.")
     deadlines: Deadlines
     sla: Sla
+    sla_clocks: list[SlaClock] = Field(
+        default_factory=list,
+        description="Every holder's clocks, judged by routing's deadlines, notices and escalations (pauses included).",
+    )
     computed_at: datetime
 
 
@@ -460,6 +477,20 @@ def build_timeline(events: Iterable[LifecycleEvent], now: datetime) -> Timeline:
     sla = fold.sla(now)
     fold.finish(now)
 
+    facts = build_facts(by_sequence.values())
+    clocks = [
+        SlaClock(
+            department=c.department,
+            clock=c.clock,
+            deadline=c.deadline,
+            breached=c.breached,
+            escalated=c.escalated,
+            settled_at=c.settled_at,
+        )
+        for stint in facts.stints
+        for c in (accept_clock(stint, now), resolve_clock(stint, now))
+        if c is not None
+    ]
     totals = {kind.value: 0.0 for kind in SegmentKind}
     for segment in fold.segments:
         totals[segment.kind.value] += segment.seconds
@@ -483,6 +514,7 @@ def build_timeline(events: Iterable[LifecycleEvent], now: datetime) -> Timeline:
         totals=totals,
         deadlines=fold.deadlines,
         sla=sla,
+        sla_clocks=clocks,
         computed_at=now,
     )
 

@@ -1,4 +1,5 @@
-"""Metrics' message handling: canonical event in -> checks -> stored once -> acked.
+"""Metrics' message handling: canonical event in -> checks -> stored once (the request's facts recomputed
+in the same transaction) -> acked.
 
 Delivery rules:
 
@@ -41,6 +42,7 @@ from libs.contracts.subjects import (
 
 from . import db
 from .domain import Poison, check_canonical, parties
+from .facts import RequestFacts
 
 log = logging.getLogger("baton.metrics")
 tracer = trace.get_tracer("baton.metrics")
@@ -76,6 +78,14 @@ def _ignore(_type: str, _outcome: Outcome) -> None:
     return None
 
 
+async def _ignore_facts(_before: RequestFacts | None, _after: RequestFacts) -> None:
+    return None
+
+
+#: Called after a request's facts changed (committed), e.g. to update Prometheus' business metrics.
+FactsObserver = Callable[[RequestFacts | None, RequestFacts], Awaitable[None]]
+
+
 class MetricsProcessor:
     def __init__(
         self,
@@ -83,12 +93,15 @@ class MetricsProcessor:
         publish: Publish,
         *,
         observe: Callable[[str, Outcome], None] = _ignore,
+        on_facts: FactsObserver = _ignore_facts,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
-        """``observe(event_type, outcome)`` is called once per processed message (for Prometheus)."""
+        """``observe(event_type, outcome)`` is called once per processed message (for Prometheus);
+        ``on_facts(before, after)`` once per committed change of a request's facts."""
         self.db = database
         self.publish = publish
         self.observe = observe
+        self.on_facts = on_facts
         self.clock = clock
 
     async def process(self, msg: Inbound) -> Outcome:
@@ -99,10 +112,14 @@ class MetricsProcessor:
             return Outcome.DEAD_LETTERED
         event = checked.event
         values = db.event_values(checked, msg.data.decode("utf-8", "replace"), msg.stream_sequence, self.clock())
+        changed: tuple[RequestFacts | None, RequestFacts] | None = None
         async with self.db.transaction() as session:
             stored = await db.insert_event(session, values)
             if stored is db.Stored.INSERTED:
                 await db.add_parties(session, event.request_id, parties(event))
+                changed = await db.refresh_facts(session, event.request_id)
+        if changed is not None:
+            await self.on_facts(*changed)
         if stored is db.Stored.CONFLICT:
             message = (
                 f"event {event.event_id} (request {event.request_id}, sequence {checked.sequence}) conflicts with "

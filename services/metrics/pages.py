@@ -1,5 +1,4 @@
-"""Server-rendered pages: recent requests and a request's timeline (Jinja2, autoescaped:
-request titles and reasons are user text)."""
+"""Server-rendered pages (Jinja2, autoescaped: request titles, reasons and comments are user text)."""
 
 from __future__ import annotations
 
@@ -7,6 +6,8 @@ from datetime import datetime
 from pathlib import Path
 
 from jinja2 import Environment, FileSystemLoader, select_autoescape
+
+from .charts import sparkline
 
 TEMPLATES = Path(__file__).parent / "templates"
 
@@ -35,8 +36,26 @@ def _duration(seconds: float | None) -> str:
     return f"{minutes}m" if minutes else f"{int(seconds)}s"
 
 
+def _pct(value: float | None) -> str:
+    return "—" if value is None else f"{value:.0%}"
+
+
+def _num(value: float | None, digits: int = 1) -> str:
+    return "—" if value is None else f"{value:.{digits}f}"
+
+
+def _sla_class(value: float | None) -> str:
+    if value is None:
+        return "none"
+    return "good" if value >= 0.9 else "fair" if value >= 0.75 else "poor"
+
+
 _env.filters["when"] = _when
 _env.filters["duration"] = _duration
+_env.filters["pct"] = _pct
+_env.filters["num"] = _num
+_env.filters["sla_class"] = _sla_class
+_env.globals["sparkline"] = sparkline
 
 
 def render(template: str, **context: object) -> str:

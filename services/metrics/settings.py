@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -22,3 +24,16 @@ class MetricsSettings(BaseSettings):
     )
     graceful_timeout: float = Field(default=15.0, gt=0, description="Seconds to drain in-flight work on SIGTERM.")
     log_level: str = "INFO"
+    catalog_path: Path | None = Field(
+        default=None, description="Department catalog (YAML): names and kinds (internal/vendor) on scorecards."
+    )
+    tokens_path: Path | None = Field(
+        default=None,
+        description="Department token file (libs.contracts.tokens). Unset: open access, with a loud warning.",
+    )
+    jaeger_url: str | None = Field(
+        default=None, description="Jaeger UI base URL, e.g. http://127.0.0.1:16686: request pages link their trace."
+    )
+    default_window: str = Field(default="30d", description="KPI window when none is asked for.")
+    live_poll_seconds: float = Field(default=5.0, gt=0, description="How often dashboard pages poll for updates.")
+    secure_cookie: bool = Field(default=False, description="Mark the sign-in cookie Secure (behind HTTPS).")

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path as FilePath
 from typing import Annotated, Any
 
 import nats
@@ -25,11 +27,15 @@ from libs.contracts import Catalog
 from libs.contracts.catalog_file import load_catalog
 from libs.contracts.envelope import ID_PATTERN
 from libs.contracts.subjects import CONSUMER_NOTIFIER, STREAM_EVENTS
+from libs.contracts.tokens import TokenRegistry
 
 from . import db
+from .api import FeedSource, build_api
 from .domain import Directory
 from .handlers import CONSUMER_SPEC, NotifierMetrics, NotifierProcessor, build_router
 from .settings import NotifierSettings
+from .webhooks import RetryPolicy
+from .workers import DigestWorker, WebhookWorker
 
 SERVICE_NAME = "baton-notifier"
 log = logging.getLogger("baton.notifier")
@@ -80,7 +86,26 @@ def create_app(
     async def publish(subject: str, body: bytes, *, msg_id: str, stream: str) -> None:
         await broker.publish(body, subject, headers={"Nats-Msg-Id": msg_id}, stream=stream, timeout=10)
 
+    tracer = tracer_provider.get_tracer("baton.notifier")
     metrics = NotifierMetrics(registry)
+    webhooks = WebhookWorker(
+        database,
+        policy=RetryPolicy(
+            base=settings.webhook_backoff_base,
+            cap=settings.webhook_backoff_max,
+            give_up_after=settings.webhook_retry_for,
+        ),
+        timeout=settings.webhook_timeout,
+        poll_interval=settings.webhook_poll_interval,
+        concurrency=settings.webhook_concurrency,
+        per_subscription=settings.webhook_per_subscription,
+        tracer=tracer,
+        on_outcome=lambda outcome: metrics.webhook_attempts.labels(outcome).inc(),
+    )
+    digests = DigestWorker(database, publish, directory, interval=settings.digest_interval, on_deliveries=webhooks.wake)
+    tokens = TokenRegistry(FilePath(settings.tokens_path) if settings.tokens_path else None)
+    feed = FeedSource(servers)
+
     processor = NotifierProcessor(
         database,
         publish,
@@ -89,6 +114,7 @@ def create_app(
         gap_delay=settings.gap_delay,
         gap_max_delay=settings.gap_max_delay,
         metrics=metrics,
+        on_deliveries=webhooks.wake,
     )
     broker.include_router(
         build_router(
@@ -97,7 +123,7 @@ def create_app(
             fetch_timeout=settings.fetch_timeout,
             retry_delay=settings.retry_delay,
             metrics=metrics,
-            tracer=tracer_provider.get_tracer("baton.notifier"),
+            tracer=tracer,
         )
     )
 
@@ -106,11 +132,23 @@ def create_app(
         await database.start()
         await require_consumer(servers, STREAM_EVENTS, CONSUMER_NOTIFIER)
         await broker.start()
+        await feed.start()
+        workers = [
+            asyncio.create_task(webhooks.run(), name="notifier-webhooks"),
+            asyncio.create_task(digests.run(), name="notifier-digests"),
+        ]
         log.info("notifier consuming %s/%s", STREAM_EVENTS, CONSUMER_NOTIFIER)
         try:
             yield
         finally:
             await broker.stop()
+            await webhooks.stop()
+            await digests.stop()
+            await asyncio.wait(workers, timeout=settings.graceful_timeout)
+            for task in workers:
+                task.cancel()
+            await asyncio.gather(*workers, return_exceptions=True)
+            await feed.close()
             await database.close()
             tracer_provider.shutdown()
 
@@ -119,7 +157,13 @@ def create_app(
     app.state.broker = broker
     app.state.database = database
     app.state.processor = processor
+    app.state.webhooks = webhooks
+    app.state.digests = digests
+    app.state.tokens = tokens
     app.mount("/metrics", make_asgi_app(registry))
+    app.include_router(
+        build_api(database, tokens, directory, feed, heartbeat=settings.feed_heartbeat, on_requeue=webhooks.wake)
+    )
 
     @app.get("/healthz", tags=["ops"])
     async def healthz() -> dict[str, str]:
@@ -148,6 +192,8 @@ def create_app(
                 "sequence": r.sequence,
                 "text": r.text,
                 "published": r.published_at is not None,
+                "delivery": r.delivery or "immediate",
+                "digest_id": r.digest_id,
             }
             for r in rows
         ]

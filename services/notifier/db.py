@@ -1,8 +1,11 @@
-"""Notifier's own database: the per-request projection, the events applied, and the outbox.
+"""Notifier's own database: the per-request projection, the events applied, the outbox, digests,
+department preferences, webhook subscriptions and webhook deliveries.
 
 SQLAlchemy 2 (async). SQLite is the embedded default, PostgreSQL the production database.
 Applying an event is one transaction: the projection moves, the event is recorded as
-processed and every notification it causes is written to the outbox; publishing follows.
+processed, every notification it causes is written to the outbox, and every webhook delivery
+it causes is queued; publishing and delivering follow. Columns added after a table was first
+created are added at start (:func:`create_schema`), always nullable.
 """
 
 from __future__ import annotations
@@ -13,12 +16,30 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import JSON, DateTime, Integer, String, Text, UniqueConstraint, event, select, update
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    DateTime,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+    delete,
+    event,
+    func,
+    inspect,
+    or_,
+    select,
+    update,
+)
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.schema import CreateColumn
 
-from .domain import Projection
+from .domain import Delivery, Projection
+from .webhooks import delivery_id, wants
 
 
 def utcnow() -> datetime:
@@ -44,6 +65,8 @@ class ProjectionRow(Base):
     delay_count: Mapped[int] = mapped_column(Integer, default=0)
     last_sequence: Mapped[int] = mapped_column(Integer)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    reopen_count: Mapped[int | None] = mapped_column(Integer, default=0)
+    notices: Mapped[list[str] | None] = mapped_column(JSON, default=list)
 
     def to_projection(self) -> Projection:
         return Projection(
@@ -53,9 +76,11 @@ class ProjectionRow(Base):
             past_holders=tuple(self.past_holders),
             watchers=tuple(self.watchers),
             title=self.title,
-            eta=_aware(self.eta),
+            eta=aware(self.eta),
             delay_count=self.delay_count,
             last_sequence=self.last_sequence,
+            reopen_count=self.reopen_count or 0,
+            notices=tuple(self.notices or ()),
         )
 
 
@@ -90,9 +115,94 @@ class OutboxRow(Base):
     text: Mapped[str] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     published_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    #: None or "immediate": published on its own; "hourly"/"daily": held for the department's digest.
+    delivery: Mapped[str | None] = mapped_column(String(16))
+    digest_id: Mapped[str | None] = mapped_column(String(80))
+
+    @property
+    def immediate(self) -> bool:
+        return self.delivery in (None, Delivery.IMMEDIATE.value)
 
 
-def _aware(value: datetime | None) -> datetime | None:
+Index("ix_outbox_digest_pending", OutboxRow.department, OutboxRow.delivery, OutboxRow.digest_id)
+
+
+class PreferenceRow(Base):
+    """A department's delivery choice per event type (absent = immediate)."""
+
+    __tablename__ = "preferences"
+
+    department: Mapped[str] = mapped_column(String(32), primary_key=True)
+    digest: Mapped[dict[str, str]] = mapped_column(JSON, default=dict)  # event type -> "hourly" | "daily"
+    daily_at: Mapped[int] = mapped_column(Integer, default=8)  # hour of the daily digest, department time
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class DigestRow(Base):
+    """One digest, exactly as published on ``baton.notify.<dept>.digest``."""
+
+    __tablename__ = "digests"
+
+    digest_id: Mapped[str] = mapped_column(String(80), primary_key=True)
+    department: Mapped[str] = mapped_column(String(32), index=True)
+    period: Mapped[str] = mapped_column(String(16))
+    window_start: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    window_end: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    count: Mapped[int] = mapped_column(Integer)
+    subject: Mapped[str] = mapped_column(String(256))
+    body: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    published_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class WebhookRow(Base):
+    """A department's HTTP endpoint: which notification types it wants, in which format, signed with ``secret``."""
+
+    __tablename__ = "webhooks"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    department: Mapped[str] = mapped_column(String(32), index=True)
+    url: Mapped[str] = mapped_column(String(2000))
+    secret: Mapped[str] = mapped_column(String(200))
+    event_types: Mapped[list[str]] = mapped_column(JSON, default=list)  # empty = every type
+    format: Mapped[str] = mapped_column(String(16), default="baton")
+    description: Mapped[str] = mapped_column(String(200), default="")
+    active: Mapped[bool] = mapped_column(Boolean, default=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class DeliveryStatus:
+    PENDING = "pending"
+    DELIVERED = "delivered"
+    DEAD = "dead"
+
+
+class DeliveryRow(Base):
+    """One notification (or digest) to POST to one webhook, with its retry state: the durable delivery queue."""
+
+    __tablename__ = "webhook_deliveries"
+    __table_args__ = (Index("ix_deliveries_due", "status", "subscription_id", "next_attempt_at"),)
+
+    id: Mapped[str] = mapped_column(String(80), primary_key=True)
+    subscription_id: Mapped[str] = mapped_column(String(40))
+    department: Mapped[str] = mapped_column(String(32), index=True)
+    notification_id: Mapped[str] = mapped_column(String(80))
+    type: Mapped[str] = mapped_column(String(32))
+    request_id: Mapped[str | None] = mapped_column(String(64))
+    body: Mapped[str] = mapped_column(Text)
+    traceparent: Mapped[str | None] = mapped_column(String(128))
+    status: Mapped[str] = mapped_column(String(16), default=DeliveryStatus.PENDING)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    lease_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    last_error: Mapped[str | None] = mapped_column(Text)
+    last_status: Mapped[int | None] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    delivered_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    dead_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+def aware(value: datetime | None) -> datetime | None:
     """SQLite returns naive datetimes; everything Baton stores is UTC."""
     if value is not None and value.tzinfo is None:
         return value.replace(tzinfo=UTC)
@@ -119,9 +229,24 @@ def make_engine(url: str) -> AsyncEngine:
     return create_async_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5)
 
 
+def _add_missing_columns(conn: Any) -> None:
+    """Columns added to a model after its table was created (all nullable): ``ALTER TABLE ... ADD COLUMN``."""
+    inspector = inspect(conn)
+    existing_tables = set(inspector.get_table_names())
+    for table in Base.metadata.sorted_tables:
+        if table.name not in existing_tables:
+            continue
+        have = {c["name"] for c in inspector.get_columns(table.name)}
+        for column in table.columns:
+            if column.name not in have and column.nullable:
+                ddl = CreateColumn(column).compile(dialect=conn.dialect)
+                conn.exec_driver_sql(f'ALTER TABLE "{table.name}" ADD COLUMN {ddl}')
+
+
 async def create_schema(engine: AsyncEngine) -> None:
     async with engine.begin() as conn:
         await conn.run_sync(Base.metadata.create_all)
+        await conn.run_sync(_add_missing_columns)
 
 
 class Database:
@@ -179,6 +304,8 @@ async def save_projection(session: AsyncSession, row: ProjectionRow | None, new:
                 delay_count=new.delay_count,
                 last_sequence=new.last_sequence,
                 updated_at=now,
+                reopen_count=new.reopen_count,
+                notices=list(new.notices),
             )
         )
         return
@@ -193,6 +320,8 @@ async def save_projection(session: AsyncSession, row: ProjectionRow | None, new:
             delay_count=new.delay_count,
             last_sequence=new.last_sequence,
             updated_at=now,
+            reopen_count=new.reopen_count,
+            notices=list(new.notices),
         )
         .execution_options(synchronize_session=False)
     )
@@ -217,4 +346,191 @@ async def mark_published(session: AsyncSession, notification_ids: Sequence[str],
 
 async def request_notifications(session: AsyncSession, request_id: str) -> list[OutboxRow]:
     stmt = select(OutboxRow).where(OutboxRow.request_id == request_id).order_by(OutboxRow.sequence, OutboxRow.position)
+    return list((await session.execute(stmt)).scalars())
+
+
+# --- preferences -------------------------------------------------------------------------------------
+
+
+async def preferences(session: AsyncSession, departments: Sequence[str]) -> dict[str, PreferenceRow]:
+    if not departments:
+        return {}
+    stmt = select(PreferenceRow).where(PreferenceRow.department.in_(list(departments)))
+    return {row.department: row for row in (await session.execute(stmt)).scalars()}
+
+
+# --- webhooks ----------------------------------------------------------------------------------------
+
+
+async def active_webhooks(session: AsyncSession, departments: Sequence[str]) -> list[WebhookRow]:
+    if not departments:
+        return []
+    stmt = (
+        select(WebhookRow)
+        .where(WebhookRow.department.in_(list(departments)), WebhookRow.active.is_(True))
+        .order_by(WebhookRow.created_at, WebhookRow.id)
+    )
+    return list((await session.execute(stmt)).scalars())
+
+
+async def department_webhooks(session: AsyncSession, department: str) -> list[WebhookRow]:
+    stmt = select(WebhookRow).where(WebhookRow.department == department).order_by(WebhookRow.created_at)
+    return list((await session.execute(stmt)).scalars())
+
+
+async def due_subscriptions(session: AsyncSession, now: datetime) -> list[str]:
+    """Subscriptions with at least one delivery due now (pending, past its time, not leased)."""
+    stmt = (
+        select(DeliveryRow.subscription_id)
+        .where(
+            DeliveryRow.status == DeliveryStatus.PENDING,
+            DeliveryRow.next_attempt_at <= now,
+            or_(DeliveryRow.lease_until.is_(None), DeliveryRow.lease_until < now),
+        )
+        .distinct()
+    )
+    return list((await session.execute(stmt)).scalars())
+
+
+async def due_deliveries(session: AsyncSession, subscription_id: str, now: datetime, limit: int) -> list[DeliveryRow]:
+    stmt = (
+        select(DeliveryRow)
+        .where(
+            DeliveryRow.subscription_id == subscription_id,
+            DeliveryRow.status == DeliveryStatus.PENDING,
+            DeliveryRow.next_attempt_at <= now,
+            or_(DeliveryRow.lease_until.is_(None), DeliveryRow.lease_until < now),
+        )
+        .order_by(DeliveryRow.next_attempt_at, DeliveryRow.created_at)
+        .limit(limit)
+    )
+    return list((await session.execute(stmt)).scalars())
+
+
+async def lease_delivery(session: AsyncSession, row: DeliveryRow, now: datetime, until: datetime) -> bool:
+    """Claim a delivery for one attempt (so that two notifier replicas never POST it at the same time)."""
+    result = await session.execute(
+        update(DeliveryRow)
+        .where(
+            DeliveryRow.id == row.id,
+            DeliveryRow.status == DeliveryStatus.PENDING,
+            DeliveryRow.attempts == row.attempts,
+            or_(DeliveryRow.lease_until.is_(None), DeliveryRow.lease_until < now),
+        )
+        .values(lease_until=until)
+        .execution_options(synchronize_session=False)
+    )
+    return getattr(result, "rowcount", 0) == 1
+
+
+async def record_attempt(session: AsyncSession, delivery_id: str, **values: Any) -> None:
+    await session.execute(
+        update(DeliveryRow)
+        .where(DeliveryRow.id == delivery_id)
+        .values(lease_until=None, **values)
+        .execution_options(synchronize_session=False)
+    )
+
+
+async def failed_deliveries(session: AsyncSession, department: str | None, limit: int = 200) -> list[DeliveryRow]:
+    stmt = select(DeliveryRow).where(DeliveryRow.status == DeliveryStatus.DEAD)
+    if department is not None:
+        stmt = stmt.where(DeliveryRow.department == department)
+    stmt = stmt.order_by(DeliveryRow.dead_at.desc()).limit(limit)
+    return list((await session.execute(stmt)).scalars())
+
+
+async def delivery_counts(session: AsyncSession, department: str | None = None) -> dict[str, int]:
+    stmt = select(DeliveryRow.status, func.count()).group_by(DeliveryRow.status)
+    if department is not None:
+        stmt = stmt.where(DeliveryRow.department == department)
+    return {status: int(count) for status, count in (await session.execute(stmt)).all()}
+
+
+# --- digests -----------------------------------------------------------------------------------------
+
+
+async def digest_pending(session: AsyncSession) -> list[OutboxRow]:
+    """Notifications held for a digest that no digest took yet."""
+    stmt = (
+        select(OutboxRow)
+        .where(OutboxRow.delivery.in_(["hourly", "daily"]), OutboxRow.digest_id.is_(None))
+        .order_by(OutboxRow.department, OutboxRow.created_at, OutboxRow.sequence, OutboxRow.position)
+    )
+    return list((await session.execute(stmt)).scalars())
+
+
+async def claim_for_digest(session: AsyncSession, notification_ids: Sequence[str], digest_id: str) -> int:
+    result = await session.execute(
+        update(OutboxRow)
+        .where(OutboxRow.notification_id.in_(list(notification_ids)), OutboxRow.digest_id.is_(None))
+        .values(digest_id=digest_id)
+        .execution_options(synchronize_session=False)
+    )
+    return int(getattr(result, "rowcount", 0))
+
+
+async def unpublished_digests(session: AsyncSession) -> list[DigestRow]:
+    stmt = select(DigestRow).where(DigestRow.published_at.is_(None)).order_by(DigestRow.created_at)
+    return list((await session.execute(stmt)).scalars())
+
+
+def queue_deliveries(
+    session: AsyncSession,
+    webhooks: Sequence[WebhookRow],
+    *,
+    department: str,
+    notification_id: str,
+    kind: str,
+    request_id: str | None,
+    body: str,
+    traceparent: str | None,
+    now: datetime,
+    digest_types: frozenset[str] = frozenset(),
+) -> int:
+    """Queue one delivery per matching subscription of ``department`` (in the caller's transaction)."""
+    queued = 0
+    for hook in webhooks:
+        if hook.department != department or not hook.active or not wants(hook.event_types, kind, digest_types):
+            continue
+        session.add(
+            DeliveryRow(
+                id=delivery_id(hook.id, notification_id),
+                subscription_id=hook.id,
+                department=department,
+                notification_id=notification_id,
+                type=kind,
+                request_id=request_id,
+                body=body,
+                traceparent=traceparent,
+                status=DeliveryStatus.PENDING,
+                attempts=0,
+                next_attempt_at=now,
+                created_at=now,
+            )
+        )
+        queued += 1
+    return queued
+
+
+async def drop_pending_deliveries(session: AsyncSession, subscription_id: str) -> None:
+    await session.execute(
+        delete(DeliveryRow).where(
+            DeliveryRow.subscription_id == subscription_id, DeliveryRow.status == DeliveryStatus.PENDING
+        )
+    )
+
+
+async def unpublished_before(session: AsyncSession, request_id: str, sequence: int) -> list[OutboxRow]:
+    """Immediate notifications of earlier events of the request that were not confirmed published."""
+    stmt = (
+        select(OutboxRow)
+        .where(
+            OutboxRow.request_id == request_id,
+            OutboxRow.sequence < sequence,
+            OutboxRow.published_at.is_(None),
+            or_(OutboxRow.delivery.is_(None), OutboxRow.delivery == Delivery.IMMEDIATE.value),
+        )
+        .order_by(OutboxRow.sequence, OutboxRow.position)
+    )
     return list((await session.execute(stmt)).scalars())

@@ -15,6 +15,10 @@ Delivery rules:
   is dead-lettered on ``baton.dlq.notifier.<code>`` and acked: it never loops;
 * an unexpected error naks the message (and the rest of its batch, keeping the order) with
   ``retry_delay``; on its last allowed delivery it is dead-lettered instead of being dropped.
+
+The same transaction also queues one webhook delivery per matching subscription of each
+recipient (sent later by ``workers.WebhookWorker``, never awaited here), and holds back the
+notifications a department chose to receive in a digest (published by ``workers.DigestWorker``).
 """
 
 from __future__ import annotations
@@ -49,7 +53,7 @@ from libs.contracts.subjects import (
 )
 
 from . import db
-from .domain import Directory, Order, Poison, check_event, gap_delay, order, plan
+from .domain import Delivery, Directory, Order, Poison, check_event, gap_delay, order, plan
 
 log = logging.getLogger("baton.notifier")
 default_tracer = trace.get_tracer("baton.notifier")
@@ -81,6 +85,12 @@ class NotifierMetrics:
             "baton_notifier_notifications",
             "Notifications written to the outbox (each published at least once), by event type and recipient role.",
             ["type", "role"],
+            registry=registry,
+        )
+        self.webhook_attempts = Counter(
+            "baton_notifier_webhook_attempts",
+            "Webhook POSTs by outcome: delivered, retrying (failed, another attempt follows), dead (dead-lettered).",
+            ["outcome"],
             registry=registry,
         )
 
@@ -136,7 +146,9 @@ class NotifierProcessor:
         gap_max_delay: float = 30.0,
         metrics: NotifierMetrics | None = None,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        on_deliveries: Callable[[], None] | None = None,
     ) -> None:
+        self.on_deliveries = on_deliveries
         self.db = database
         self.publish = publish
         self.directory = directory
@@ -186,8 +198,9 @@ class NotifierProcessor:
         assert event.sequence is not None  # check_event
         async with self.db.transaction() as session:
             if await db.find_processed(session, event.event_id) is not None:
-                rows = await db.event_outbox(session, event.event_id)
-                return [_pending(r) for r in rows if r.published_at is None], True
+                earlier = await db.unpublished_before(session, event.request_id, event.sequence)
+                rows = [*earlier, *await db.event_outbox(session, event.event_id)]
+                return [_pending(r) for r in rows if r.immediate and r.published_at is None], True
 
             row = await db.load_projection(session, event.request_id, for_update=self.db.is_postgres)
             before = row.to_projection() if row is not None else None
@@ -216,11 +229,21 @@ class NotifierProcessor:
                     processed_at=now,
                 )
             )
-            pending: list[_Pending] = []
+            # An earlier event's notifications whose publish failed (its redelivery is pending) go out first,
+            # so that every department's stream stays in sequence order; the copies are deduplicated.
+            pending: list[_Pending] = [
+                _pending(r) for r in await db.unpublished_before(session, event.request_id, event.sequence)
+            ]
+            departments = [n.department for n in planned.notifications]
+            prefs = await db.preferences(session, departments)
+            hooks = await db.active_webhooks(session, departments)
+            traceparent = current_traceparent()
             counted: list[tuple[str, str]] = []
+            queued = 0
             for position, notification in enumerate(planned.notifications):
                 subject = notify_subject(notification.department, notification.type)
                 body = dumps(notification)
+                delivery = delivery_for(prefs.get(notification.department), notification.type)
                 session.add(
                     db.OutboxRow(
                         notification_id=notification.notification_id,
@@ -235,14 +258,30 @@ class NotifierProcessor:
                         body=body.decode(),
                         text=notification.text,
                         created_at=now,
+                        delivery=delivery.value,
                     )
                 )
-                pending.append(_Pending(notification.notification_id, subject, body))
                 counted.append((notification.type, notification.role.value))
+                if delivery is not Delivery.IMMEDIATE:
+                    continue  # held for the department's digest (workers.DigestWorker)
+                pending.append(_Pending(notification.notification_id, subject, body))
+                queued += db.queue_deliveries(
+                    session,
+                    hooks,
+                    department=notification.department,
+                    notification_id=notification.notification_id,
+                    kind=notification.type,
+                    request_id=notification.request_id,
+                    body=body.decode(),
+                    traceparent=traceparent,
+                    now=now,
+                )
             await session.flush()
         if self.metrics is not None:
             for kind, role in counted:
                 self.metrics.notifications.labels(kind, role).inc()
+        if queued and self.on_deliveries is not None:
+            self.on_deliveries()
         return pending, False
 
     async def _publish_all(self, pending: list[_Pending]) -> None:
@@ -303,6 +342,23 @@ class NotifierProcessor:
         )
         log.warning("dead-lettering %s (%s): %s", msg.subject[:128], code, message)
         await self.publish(dlq_subject(SERVICE, code), dumps(letter), msg_id=letter.dead_letter_id, stream=STREAM_DLQ)
+
+
+def current_traceparent() -> str | None:
+    """The W3C ``traceparent`` of the current span (the consumer span of the event), if any."""
+    carrier: dict[str, str] = {}
+    propagate.inject(carrier)
+    return carrier.get("traceparent")
+
+
+def delivery_for(pref: db.PreferenceRow | None, kind: str) -> Delivery:
+    """The department's choice for this notification type (immediate unless it chose a digest)."""
+    if pref is None or not pref.digest:
+        return Delivery.IMMEDIATE
+    try:
+        return Delivery(pref.digest.get(kind, Delivery.IMMEDIATE.value))
+    except ValueError:
+        return Delivery.IMMEDIATE
 
 
 def _pending(row: db.OutboxRow) -> _Pending:

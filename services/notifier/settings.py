@@ -25,4 +25,21 @@ class NotifierSettings(BaseSettings):
     )
     gap_max_delay: float = Field(default=30.0, gt=0, description="Longest redelivery delay of an out-of-order event.")
     graceful_timeout: float = Field(default=15.0, gt=0, description="Seconds to drain in-flight work on SIGTERM.")
+    tokens_path: str | None = Field(
+        default=None,
+        description="Department token file (libs.contracts.tokens); without one every authenticated route says 401.",
+    )
+    # --- webhooks ---
+    webhook_timeout: float = Field(default=10.0, gt=0, description="Seconds one webhook POST may take.")
+    webhook_backoff_base: float = Field(default=5.0, gt=0, description="First retry delay; doubles per attempt.")
+    webhook_backoff_max: float = Field(default=600.0, gt=0, description="Longest retry delay.")
+    webhook_retry_for: float = Field(
+        default=3600.0, gt=0, description="A delivery still failing this long after it was queued is dead-lettered."
+    )
+    webhook_poll_interval: float = Field(default=0.5, gt=0, description="How often due deliveries are looked for.")
+    webhook_concurrency: int = Field(default=32, ge=1, description="Webhook POSTs in flight, in all.")
+    webhook_per_subscription: int = Field(default=2, ge=1, description="Webhook POSTs in flight per subscription.")
+    # --- digests and the live feed ---
+    digest_interval: float = Field(default=30.0, gt=0, description="How often closed digest windows are looked for.")
+    feed_heartbeat: float = Field(default=15.0, gt=0, description="Seconds between SSE keep-alive comments.")
     log_level: str = "INFO"

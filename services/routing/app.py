@@ -1,12 +1,16 @@
-"""Routing's whole wiring: settings -> catalog -> telemetry -> middlewares -> broker -> routers -> HTTP app."""
+"""Routing's whole wiring: settings -> catalog (watched) -> telemetry -> middlewares -> broker -> routers ->
+background chores (catalog reload, timer scheduling) -> HTTP app."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
+from pathlib import Path as FilePath
 from typing import Annotated, Any
 
 import nats
@@ -20,17 +24,26 @@ from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExport
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
-from prometheus_client import CollectorRegistry, make_asgi_app
+from prometheus_client import CollectorRegistry, Counter, make_asgi_app
 from starlette.responses import JSONResponse
 
 from libs.contracts import Catalog, loads
-from libs.contracts.catalog_file import load_catalog
 from libs.contracts.envelope import ID_PATTERN
-from libs.contracts.subjects import CONSUMER_ROUTING, STREAM_EVENTS
+from libs.contracts.subjects import (
+    CONSUMER_ROUTING,
+    CONSUMER_ROUTING_TIMERS,
+    STREAM_EVENTS,
+    STREAM_TIMERS,
+    request_events_filter,
+)
 
 from . import db
+from .business_time import BusinessCalendar
+from .catalog_watch import CatalogWatcher
+from .domain import business_amount, calendar_of
 from .handlers import DeliveryLimit, RoutingMetrics, RoutingProcessor, build_router
 from .settings import RoutingSettings
+from .tracking import Clock, Policy
 
 SERVICE_NAME = "baton-routing"
 log = logging.getLogger("baton.routing")
@@ -62,11 +75,18 @@ def create_app(
     catalog: Catalog | None = None,
     tracer_provider: TracerProvider | None = None,
 ) -> FastAPI:
-    """The routing service. ``catalog`` defaults to the file at ``settings.catalog_path`` (loaded now: fail fast)."""
-    catalog = catalog or load_catalog(settings.catalog_path)
+    """The routing service. ``catalog`` defaults to the file at ``settings.catalog_path`` (loaded now: fail fast;
+    then re-read whenever the file changes). A ``catalog`` given here is fixed."""
+    watcher = CatalogWatcher(None if catalog is not None else FilePath(settings.catalog_path), catalog)
     tracer_provider = tracer_provider or make_tracer_provider(SERVICE_NAME)
     registry = CollectorRegistry()
     metrics = RoutingMetrics(registry)
+    reloads = Counter(
+        "baton_routing_catalog_reloads",
+        "Catalog file changes seen, by result (loaded, refused: the last good catalog was kept).",
+        ["result"],
+        registry=registry,
+    )
     servers = [s.strip() for s in settings.nats_url.split(",") if s.strip()]
 
     broker = NatsBroker(
@@ -86,7 +106,33 @@ def create_app(
     async def publish(subject: str, body: bytes, *, msg_id: str, stream: str) -> None:
         await broker.publish(body, subject, headers={"Nats-Msg-Id": msg_id}, stream=stream, timeout=10)
 
-    processor = RoutingProcessor(database, catalog, publish, metrics=metrics)
+    async def schedule(subject: str, body: bytes, *, headers: dict[str, str]) -> None:
+        await broker.publish(body, subject, headers=headers, stream=STREAM_TIMERS, timeout=10)
+
+    async def pending(request_id: str, after_stream_seq: int) -> bool:
+        """Is an event of this request already in the canonical log past what routing applied?"""
+        jsm = broker.connection.jsm()
+        try:
+            await jsm.get_msg(
+                STREAM_EVENTS, seq=after_stream_seq + 1, subject=request_events_filter(request_id), next=True
+            )
+        except NotFoundError:
+            return False
+        return True
+
+    policy = Policy(
+        warning_fraction=settings.warning_fraction,
+        max_hops=settings.max_hops,
+        quick_reassign_within=timedelta(seconds=settings.quick_reassign_within),
+    )
+    processor = RoutingProcessor(
+        database, watcher.current, publish, metrics=metrics, schedule=schedule, pending=pending, policy=policy
+    )
+
+    def catalog_changed(new: Catalog) -> None:
+        processor.catalog = new
+
+    watcher.on_change = catalog_changed
     limit = DeliveryLimit()
     broker.include_router(
         build_router(
@@ -100,31 +146,72 @@ def create_app(
         )
     )
 
+    def check_catalog() -> None:
+        had_error = watcher.last_error
+        if watcher.check():
+            reloads.labels("loaded").inc()
+        elif watcher.last_error is not None and watcher.last_error != had_error:
+            reloads.labels("refused").inc()
+
+    async def maintain() -> None:
+        """Background chores: reload the catalog when its file changes; schedule timers that did not reach NATS
+        (e.g. it was down); now and then re-arm timers that should have fired and were never acted on."""
+        loop = asyncio.get_running_loop()
+        next_catalog = next_reconcile = next_overdue = loop.time()
+        grace = timedelta(seconds=settings.overdue_grace)
+        while True:
+            now = loop.time()
+            if settings.catalog_poll_interval and now >= next_catalog:
+                next_catalog = now + settings.catalog_poll_interval
+                check_catalog()
+            if now >= next_reconcile:
+                next_reconcile = now + settings.reconcile_interval
+                overdue = now >= next_overdue
+                if overdue:
+                    next_overdue = now + settings.overdue_grace
+                try:
+                    await processor.reconcile(overdue_grace=grace if overdue else None)
+                except Exception:
+                    log.warning("scheduling pending timers failed; retrying in %.0fs", settings.reconcile_interval,
+                                exc_info=True)  # fmt: skip
+            waits = [next_reconcile] + ([next_catalog] if settings.catalog_poll_interval else [])
+            await asyncio.sleep(max(min(waits) - loop.time(), 0.05))
+
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         await database.start()
         consumer = await require_consumer(servers, STREAM_EVENTS, CONSUMER_ROUTING)
+        await require_consumer(servers, STREAM_TIMERS, CONSUMER_ROUTING_TIMERS)
         if consumer.max_deliver is not None:
             limit.max_deliver = consumer.max_deliver
         await broker.start()
+        current = watcher.current
         log.info(
-            "routing consuming %s/%s (dead-letter on delivery %d) with %d departments (fallback %s)",
+            "routing consuming %s/%s and %s/%s (dead-letter on delivery %d) with %d departments, %d rules "
+            "(fallback %s)",
             STREAM_EVENTS,
             CONSUMER_ROUTING,
+            STREAM_TIMERS,
+            CONSUMER_ROUTING_TIMERS,
             limit.max_deliver,
-            len(catalog.departments),
-            catalog.fallback_department,
+            len(current.departments),
+            len(current.rules),
+            current.fallback_department,
         )
+        chores = asyncio.create_task(maintain(), name="routing-maintenance")
         try:
             yield
         finally:
+            chores.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await chores
             await broker.stop()
             await database.close()
             tracer_provider.shutdown()
 
     app = FastAPI(title="Baton routing", version="1.0.0", lifespan=lifespan)
     app.state.settings = settings
-    app.state.catalog = catalog
+    app.state.catalog_watcher = watcher
     app.state.broker = broker
     app.state.database = database
     app.state.processor = processor
@@ -139,15 +226,18 @@ def create_app(
     @app.get("/readyz", tags=["ops"])
     async def readyz() -> JSONResponse:
         checks = {"nats": await broker.ping(timeout=2), "database": await _db_ok(database)}
+        # A refused catalog edit does not make routing unready: it keeps routing with the last good catalog.
         return JSONResponse(
-            {"ready": all(checks.values()), "checks": checks}, status_code=200 if all(checks.values()) else 503
+            {"ready": all(checks.values()), "checks": checks, "catalog": watcher.status()},
+            status_code=200 if all(checks.values()) else 503,
         )
 
     @app.get("/v1/catalog", tags=["catalog"])
     async def get_catalog() -> dict[str, Any]:
+        current = watcher.current
         return {
-            "version": catalog.version,
-            "fallback_department": catalog.fallback_department,
+            "version": current.version,
+            "fallback_department": current.fallback_department,
             "departments": [
                 {
                     "slug": d.slug,
@@ -155,18 +245,34 @@ def create_app(
                     "kind": d.kind.value,
                     "categories": list(d.categories),
                     "timezone": d.timezone,
+                    "business_hours": d.business_hours.model_dump(mode="json"),
+                    "holidays": [h.isoformat() for h in d.holidays],
+                    "sla": {
+                        p.value: {
+                            "accept_within_business_seconds": business_amount(t.accept_within, d).total_seconds(),
+                            "resolve_within_business_seconds": business_amount(t.resolve_within, d).total_seconds(),
+                        }
+                        for p, t in d.sla.items()
+                    },
                 }
-                for d in catalog.departments
+                for d in current.departments
             ],
+            "rules": [r.model_dump(mode="json") for r in current.rules],
+            "catalog": watcher.status(),
         }
 
     @app.get("/v1/requests/{request_id}/routing", tags=["requests"])
     async def get_routing(request_id: Annotated[str, Path(pattern=ID_PATTERN)]) -> dict[str, Any]:
         async with database.transaction() as session:
             rows = await db.decisions_of(session, request_id)
-        if not rows:
+            track, _ = await db.load_track(session, request_id)
+            clock_rows = {r.clock_id: r for r in await db.clocks_of(session, request_id)}
+            emitted = await db.outbox_of(session, request_id)
+        if not rows and track is None:
             raise HTTPException(404, f"no routing decision for request {request_id}")
-        return {
+        now = datetime.now(UTC)
+        current = watcher.current
+        body: dict[str, Any] = {
             "request_id": request_id,
             "decisions": [
                 {
@@ -182,9 +288,59 @@ def create_app(
                 }
                 for r in rows
             ],
+            "emitted": [
+                {"event_id": e.event_id, "type": e.event_type, "caused_by": e.caused_by, "event": loads(e.body)}
+                for e in emitted
+            ],
         }
+        if track is not None:
+            body |= {
+                "phase": track.phase.value,
+                "holder": track.holder,
+                "chain": track.chain,
+                "declines": [d.__dict__ for d in track.declines],
+                "waits": [
+                    {
+                        "holder": w.holder,
+                        "charged_to": w.charged_to,
+                        "reason_code": w.reason_code.value,
+                        "started_at": w.started_at.isoformat(),
+                        "ended_at": _iso(w.ended_at),
+                        "caused_by": w.caused_by,
+                    }
+                    for w in track.waits
+                ],
+                "clocks": [
+                    _clock_view(c, calendar_of(current, c.department), clock_rows.get(c.clock_id), now)
+                    for c in track.clocks
+                ],
+            }
+        return body
 
     return app
+
+
+def _clock_view(clock: Clock, calendar: BusinessCalendar, row: db.ClockRow | None, now: datetime) -> dict[str, Any]:
+    state = "closed" if not clock.is_open else ("running" if clock.is_running else "paused")
+    deadline = clock.deadline(calendar)
+    return {
+        "clock_id": clock.clock_id,
+        "department": clock.department,
+        "clock": clock.kind.value,
+        "episode": clock.episode,
+        "state": state,
+        "target_seconds": clock.target.total_seconds(),
+        "used_seconds": round(clock.used(calendar, now).total_seconds(), 3),
+        "opened_at": clock.opened_at.isoformat(),
+        "closed_at": _iso(clock.closed_at),
+        "close_reason": clock.close_reason,
+        "deadline": _iso(deadline),
+        "breached": clock.breached(calendar, now),
+        "warned": clock.warned,
+        "escalated": clock.escalated,
+        "warning_timer_at": _iso(row.warn_at) if row is not None else None,
+        "breach_timer_at": _iso(row.deadline_at) if row is not None else None,
+    }
 
 
 def _iso(value: datetime | None) -> str | None:

@@ -1,22 +1,33 @@
-"""Routing's own database: the events it has processed and every routing decision it made.
+"""Routing's own database: the requests it follows, their SLA clocks, the events it emitted, the
+events it has processed and every routing decision it made.
 
 SQLAlchemy 2 (async). SQLite (WAL) is the embedded default, PostgreSQL the production database.
-A decision row keeps the exact ``routed`` JSON that was published, so a redelivery republishes
-the same bytes instead of building a new event.
+Every event routing emits is stored (``routing_outbox``, exact JSON) in the transaction that
+decides it, before it is published: a redelivery or a restart republishes the same bytes
+instead of building a new event. A clock row also records the timers it wants armed
+(``warn_at`` / ``deadline_at``) and whether they still have to be (re)scheduled on NATS
+(``schedule_dirty``): that flag is the outbox of the durable timers.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import DateTime, String, Text, event, select
+import orjson
+from sqlalchemy import BigInteger, Boolean, DateTime, Integer, String, Text, event, select, update
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from libs.contracts import Envelope, Priority, dumps
+from libs.contracts.events import DelayReasonCode, SlaClock
+
+from .tracking import Clock, Decline, Phase, TimerKind, TimerSpec, Track, Wait
 
 
 def utcnow() -> datetime:
@@ -55,11 +66,94 @@ class DecisionRow(Base):
     decided_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
+class OutboxRow(Base):
+    """An event routing emitted (exact JSON), stored before it is published; ``caused_by`` is the canonical
+    event_id or timer (``timer:<clock_id>:<kind>``) that produced it."""
+
+    __tablename__ = "routing_outbox"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    event_id: Mapped[str] = mapped_column(String(64), unique=True)
+    request_id: Mapped[str] = mapped_column(String(64), index=True)
+    event_type: Mapped[str] = mapped_column(String(32))
+    caused_by: Mapped[str] = mapped_column(String(200), index=True)
+    body: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class RequestRow(Base):
+    """What routing follows about one request (see ``tracking.Track``); lists are JSON."""
+
+    __tablename__ = "routing_requests"
+
+    request_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    requester: Mapped[str] = mapped_column(String(32))
+    category: Mapped[str] = mapped_column(String(64))
+    priority: Mapped[str] = mapped_column(String(16))
+    title: Mapped[str] = mapped_column(String(200))
+    attributes: Mapped[str] = mapped_column(Text, default="{}")
+    requested_provider: Mapped[str | None] = mapped_column(String(32))
+    phase: Mapped[str] = mapped_column(String(16))
+    holder: Mapped[str | None] = mapped_column(String(32))
+    chain: Mapped[str] = mapped_column(Text, default="[]")
+    declines: Mapped[str] = mapped_column(Text, default="[]")
+    waits: Mapped[str] = mapped_column(Text, default="[]")
+    accepted_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    last_sequence: Mapped[int] = mapped_column(Integer, default=0)
+    last_stream_seq: Mapped[int] = mapped_column(BigInteger, default=0)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class ClockRow(Base):
+    """One SLA clock (see ``tracking.Clock``), with the timers it wants armed and whether they still must be."""
+
+    __tablename__ = "sla_clocks"
+
+    clock_id: Mapped[str] = mapped_column(String(160), primary_key=True)
+    request_id: Mapped[str] = mapped_column(String(64), index=True)
+    department: Mapped[str] = mapped_column(String(32), index=True)
+    kind: Mapped[str] = mapped_column(String(16))
+    episode: Mapped[int] = mapped_column(Integer)
+    position: Mapped[int] = mapped_column(Integer)  # order within the request
+    target_us: Mapped[int] = mapped_column(BigInteger)
+    consumed_us: Mapped[int] = mapped_column(BigInteger, default=0)
+    opened_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    running_since: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    closed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    close_reason: Mapped[str | None] = mapped_column(String(32))
+    breach_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    warned: Mapped[bool] = mapped_column(Boolean, default=False)
+    escalated: Mapped[bool] = mapped_column(Boolean, default=False)
+    warn_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), index=True)
+    deadline_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), index=True)
+    schedule_dirty: Mapped[bool] = mapped_column(Boolean, default=False, index=True)
+    schedule_version: Mapped[int] = mapped_column(Integer, default=0)
+
+
 def aware(value: datetime | None) -> datetime | None:
     """SQLite returns naive datetimes; everything Baton stores is UTC."""
     if value is not None and value.tzinfo is None:
         return value.replace(tzinfo=UTC)
     return value
+
+
+def _must(value: datetime | None) -> datetime:
+    out = aware(value)
+    if out is None:  # pragma: no cover - columns declared NOT NULL
+        raise ValueError("missing timestamp")
+    return out
+
+
+def _us(value: timedelta) -> int:
+    return (value.days * 86_400 + value.seconds) * 1_000_000 + value.microseconds
+
+
+def _iso(value: datetime | None) -> str | None:
+    return value.isoformat() if value is not None else None
+
+
+def _dt(value: Any) -> datetime | None:
+    return datetime.fromisoformat(value) if isinstance(value, str) else None
 
 
 def make_engine(url: str) -> AsyncEngine:
@@ -83,11 +177,19 @@ def make_engine(url: str) -> AsyncEngine:
 
 
 class Database:
-    """The engine plus a session factory; one per service process."""
+    """The engine plus a session factory; one per service process.
+
+    On SQLite, transactions are serialised within the process (the event consumer, the timer
+    consumer and the reconciler write concurrently; SQLite would otherwise refuse one of two
+    transactions that both upgrade to a write lock). PostgreSQL serialises per request with
+    ``SELECT ... FOR UPDATE`` instead.
+    """
 
     def __init__(self, url: str) -> None:
         self.engine = make_engine(url)
         self.sessions = async_sessionmaker(self.engine, expire_on_commit=False)
+        self.is_sqlite = self.engine.dialect.name == "sqlite"
+        self._lock = asyncio.Lock() if self.is_sqlite else None
 
     async def start(self) -> None:
         async with self.engine.begin() as conn:
@@ -98,7 +200,11 @@ class Database:
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[AsyncSession]:
-        async with self.sessions() as session, session.begin():
+        if self._lock is None:
+            async with self.sessions() as session, session.begin():
+                yield session
+            return
+        async with self._lock, self.sessions() as session, session.begin():
             yield session
 
     async def ping(self) -> bool:
@@ -107,6 +213,7 @@ class Database:
         return True
 
 
+# --- processed events and decisions --------------------------------------------------------------
 async def is_processed(session: AsyncSession, event_id: str) -> bool:
     return await session.get(ProcessedEventRow, event_id) is not None
 
@@ -118,4 +225,244 @@ async def decision_for(session: AsyncSession, caused_by: str) -> DecisionRow | N
 
 async def decisions_of(session: AsyncSession, request_id: str) -> Sequence[DecisionRow]:
     stmt = select(DecisionRow).where(DecisionRow.request_id == request_id).order_by(DecisionRow.decided_at)
+    return (await session.execute(stmt)).scalars().all()
+
+
+# --- the outbox ---------------------------------------------------------------------------------
+def add_outbox(session: AsyncSession, events: Sequence[Envelope], caused_by: str, at: datetime) -> list[OutboxRow]:
+    rows = [
+        OutboxRow(
+            event_id=e.event_id,
+            request_id=e.request_id,
+            event_type=str(getattr(e, "type", "")),
+            caused_by=caused_by,
+            body=dumps(e).decode(),
+            created_at=at,
+        )
+        for e in events
+    ]
+    session.add_all(rows)
+    return rows
+
+
+async def outbox_caused_by(session: AsyncSession, caused_by: str) -> Sequence[OutboxRow]:
+    stmt = select(OutboxRow).where(OutboxRow.caused_by == caused_by).order_by(OutboxRow.id)
+    return (await session.execute(stmt)).scalars().all()
+
+
+async def outbox_event(session: AsyncSession, event_id: str) -> OutboxRow | None:
+    stmt = select(OutboxRow).where(OutboxRow.event_id == event_id)
+    return (await session.execute(stmt)).scalar_one_or_none()
+
+
+async def outbox_of(session: AsyncSession, request_id: str) -> Sequence[OutboxRow]:
+    stmt = select(OutboxRow).where(OutboxRow.request_id == request_id).order_by(OutboxRow.id)
+    return (await session.execute(stmt)).scalars().all()
+
+
+# --- tracks -------------------------------------------------------------------------------------
+class Stored:
+    """A track as loaded, with its rows, so that saving it updates them in place."""
+
+    def __init__(self, request: RequestRow | None, clocks: list[ClockRow]) -> None:
+        self.request = request
+        self.clocks = {row.clock_id: row for row in clocks}
+
+
+async def load_track(session: AsyncSession, request_id: str, *, lock: bool = False) -> tuple[Track | None, Stored]:
+    stmt = select(RequestRow).where(RequestRow.request_id == request_id)
+    if lock:
+        stmt = stmt.with_for_update()
+    row = (await session.execute(stmt)).scalar_one_or_none()
+    if row is None:
+        return None, Stored(None, [])
+    clock_stmt = select(ClockRow).where(ClockRow.request_id == request_id).order_by(ClockRow.position)
+    clock_rows = list((await session.execute(clock_stmt)).scalars().all())
+    return _track(row, clock_rows), Stored(row, clock_rows)
+
+
+def _track(row: RequestRow, clock_rows: list[ClockRow]) -> Track:
+    return Track(
+        request_id=row.request_id,
+        requester=row.requester,
+        category=row.category,
+        priority=Priority(row.priority),
+        title=row.title,
+        attributes=dict(orjson.loads(row.attributes)),
+        requested_provider=row.requested_provider,
+        phase=Phase(row.phase),
+        holder=row.holder,
+        chain=list(orjson.loads(row.chain)),
+        declines=[Decline(**d) for d in orjson.loads(row.declines)],
+        accepted_at=aware(row.accepted_at),
+        last_sequence=row.last_sequence,
+        last_stream_seq=row.last_stream_seq,
+        clocks=[_clock(c) for c in clock_rows],
+        waits=[
+            Wait(
+                holder=w["holder"],
+                charged_to=w["charged_to"],
+                reason_code=DelayReasonCode(w["reason_code"]),
+                started_at=_must(_dt(w["started_at"])),
+                caused_by=w["caused_by"],
+                ended_at=_dt(w.get("ended_at")),
+            )
+            for w in orjson.loads(row.waits)
+        ],
+    )
+
+
+def _clock(row: ClockRow) -> Clock:
+    return Clock(
+        request_id=row.request_id,
+        department=row.department,
+        kind=SlaClock(row.kind),
+        episode=row.episode,
+        target=timedelta(microseconds=row.target_us),
+        opened_at=_must(row.opened_at),
+        consumed=timedelta(microseconds=row.consumed_us),
+        running_since=aware(row.running_since),
+        closed_at=aware(row.closed_at),
+        close_reason=row.close_reason,
+        breach_at=aware(row.breach_at),
+        warned=row.warned,
+        escalated=row.escalated,
+    )
+
+
+def save_track(
+    session: AsyncSession,
+    track: Track,
+    stored: Stored,
+    timers: Sequence[TimerSpec],
+    at: datetime,
+    *,
+    rearm: frozenset[str] = frozenset(),
+) -> list[str]:
+    """Write ``track`` back; set each clock's wanted timers and mark it dirty when they changed (or it is in
+    ``rearm``). Returns the ids of the clocks whose timers must be (re)scheduled."""
+    row = stored.request
+    if row is None:
+        row = RequestRow(request_id=track.request_id)
+        session.add(row)
+        stored.request = row
+    row.requester = track.requester
+    row.category = track.category
+    row.priority = track.priority.value
+    row.title = track.title
+    row.attributes = orjson.dumps(track.attributes).decode()
+    row.requested_provider = track.requested_provider
+    row.phase = track.phase.value
+    row.holder = track.holder
+    row.chain = orjson.dumps(track.chain).decode()
+    row.declines = orjson.dumps([d.__dict__ for d in track.declines]).decode()
+    row.waits = orjson.dumps(
+        [
+            {
+                "holder": w.holder,
+                "charged_to": w.charged_to,
+                "reason_code": w.reason_code.value,
+                "started_at": _iso(w.started_at),
+                "ended_at": _iso(w.ended_at),
+                "caused_by": w.caused_by,
+            }
+            for w in track.waits
+        ]
+    ).decode()
+    row.accepted_at = track.accepted_at
+    row.last_sequence = track.last_sequence
+    row.last_stream_seq = track.last_stream_seq
+    row.updated_at = at
+
+    wanted: dict[str, dict[TimerKind, datetime]] = {}
+    for spec in timers:
+        wanted.setdefault(spec.clock_id, {})[spec.kind] = spec.due_at
+    dirty: list[str] = []
+    for position, clock in enumerate(track.clocks):
+        crow = stored.clocks.get(clock.clock_id)
+        if crow is None:
+            crow = ClockRow(clock_id=clock.clock_id, schedule_version=0, schedule_dirty=False)
+            session.add(crow)
+            stored.clocks[clock.clock_id] = crow
+        crow.request_id = clock.request_id
+        crow.department = clock.department
+        crow.kind = clock.kind.value
+        crow.episode = clock.episode
+        crow.position = position
+        crow.target_us = _us(clock.target)
+        crow.consumed_us = _us(clock.consumed)
+        crow.opened_at = clock.opened_at
+        crow.running_since = clock.running_since
+        crow.closed_at = clock.closed_at
+        crow.close_reason = clock.close_reason
+        crow.breach_at = clock.breach_at
+        crow.warned = clock.warned
+        crow.escalated = clock.escalated
+        due = wanted.get(clock.clock_id, {})
+        warn_at, deadline_at = due.get(TimerKind.WARNING), due.get(TimerKind.BREACH)
+        changed = aware(crow.warn_at) != warn_at or aware(crow.deadline_at) != deadline_at
+        crow.warn_at, crow.deadline_at = warn_at, deadline_at
+        if (changed or clock.clock_id in rearm) and (warn_at is not None or deadline_at is not None):
+            crow.schedule_dirty = True
+            crow.schedule_version = (crow.schedule_version or 0) + 1
+            dirty.append(clock.clock_id)
+        elif warn_at is None and deadline_at is None:
+            crow.schedule_dirty = False
+    return dirty
+
+
+# --- timers to (re)schedule -------------------------------------------------------------------------
+def timer_specs(row: ClockRow) -> list[TimerSpec]:
+    """The timers a clock row wants armed."""
+    out = []
+    for kind, due in ((TimerKind.WARNING, aware(row.warn_at)), (TimerKind.BREACH, aware(row.deadline_at))):
+        if due is not None:
+            out.append(
+                TimerSpec(row.clock_id, row.request_id, row.department, SlaClock(row.kind), row.episode, kind, due)
+            )
+    return out
+
+
+async def dirty_clocks(session: AsyncSession, request_id: str | None = None, limit: int = 500) -> Sequence[ClockRow]:
+    stmt = select(ClockRow).where(ClockRow.schedule_dirty.is_(True))
+    if request_id is not None:
+        stmt = stmt.where(ClockRow.request_id == request_id)
+    return (await session.execute(stmt.order_by(ClockRow.clock_id).limit(limit))).scalars().all()
+
+
+async def overdue_clocks(session: AsyncSession, before: datetime, limit: int = 500) -> Sequence[ClockRow]:
+    """Open clocks whose armed warning or breach time is older than ``before`` and has not been acted on."""
+    stmt = (
+        select(ClockRow)
+        .where(ClockRow.closed_at.is_(None), ClockRow.schedule_dirty.is_(False))
+        .where(
+            ((ClockRow.deadline_at.is_not(None)) & (ClockRow.deadline_at < before) & ClockRow.escalated.is_(False))
+            | ((ClockRow.warn_at.is_not(None)) & (ClockRow.warn_at < before) & ClockRow.warned.is_(False))
+        )
+        .order_by(ClockRow.clock_id)
+        .limit(limit)
+    )
+    return (await session.execute(stmt)).scalars().all()
+
+
+async def mark_scheduled(session: AsyncSession, clock_id: str, version: int) -> None:
+    """Clear the dirty flag unless the clock changed again since ``version`` was read."""
+    await session.execute(
+        update(ClockRow)
+        .where(ClockRow.clock_id == clock_id, ClockRow.schedule_version == version)
+        .values(schedule_dirty=False)
+    )
+
+
+async def mark_dirty(session: AsyncSession, clock_ids: Sequence[str]) -> None:
+    if clock_ids:
+        await session.execute(
+            update(ClockRow)
+            .where(ClockRow.clock_id.in_(list(clock_ids)))
+            .values(schedule_dirty=True, schedule_version=ClockRow.schedule_version + 1)
+        )
+
+
+async def clocks_of(session: AsyncSession, request_id: str) -> Sequence[ClockRow]:
+    stmt = select(ClockRow).where(ClockRow.request_id == request_id).order_by(ClockRow.position)
     return (await session.execute(stmt)).scalars().all()

@@ -1,30 +1,44 @@
-"""Routing's message handling: canonical ``created`` in -> routing decision -> ``routed`` out (via intake).
+"""Routing's message handling: the canonical log and the durable SLA timers in, routing's events out (via intake).
+
+Two subscriptions (``build_router``), both batch pull consumers provisioned by Baton:
+
+* ``routing`` on ``BATON_EVENTS``: every canonical event, in stream order. ``created`` is routed;
+  every later event moves the request's SLA clocks (``tracking.follow``) and may produce
+  ``routed`` / ``returned`` (after ``declined``), ``escalated`` (a breach found on the way) and
+  ``handoff_loop_detected``;
+* ``routing-timers`` on ``BATON_TIMERS``: due timers (JetStream message schedules) that produce
+  ``sla_warning`` and ``escalated``.
 
 Delivery rules (nothing lost, nothing twice):
 
-* for a ``created`` event, the processed event_id and the decision, with the exact ``routed``
-  JSON, are committed in one transaction; then those stored bytes are published to
-  ``baton.svc.routing.routed`` (stream ``BATON_IN``, ``Nats-Msg-Id`` = the routed event_id);
-  then the canonical message is acked;
+* the processed event_id (or the clock change of a timer), the request's new state and the exact
+  JSON of every event to emit are committed in one transaction; then those stored bytes are
+  published to ``baton.svc.routing.<type>`` (stream ``BATON_IN``, ``Nats-Msg-Id`` = the
+  deterministic event_id); then the timers the clocks want are scheduled; then the message is acked;
 * a redelivered (already processed) event republishes the *stored* bytes, never a regenerated
-  event: intake would refuse a different payload under the same event_id;
-* other canonical event types are acked and ignored;
-* a body that is not a valid event is poison: dead-lettered and acked, never retried;
-* an unexpected error (database, NATS timeout) naks the message, and the rest of its batch,
-  with an exponential delay (``retry_delay`` doubled per delivery, capped at 30 s, so an outage
-  is waited out); on the consumer's last allowed delivery it is dead-lettered with the reason
-  instead of being dropped.
+  event: intake would refuse a different payload under the same event_id. An ``escalated`` or
+  ``sla_warning`` has one event_id per clock episode, whichever path emits it: one per breach;
+* a timer is acted on only once routing has applied every canonical event of that request that
+  is already in the log (else it is naked and comes back shortly): a clock stopped by an event
+  that routing has not read yet (it was down) must not escalate;
+* timers are wake-ups, the database is the truth: a stale timer (the clock stopped, paused or
+  moved) is acked and does nothing; an early one (the deadline moved later) is armed again;
+* a body that is not a valid event or timer is poison: dead-lettered and acked, never retried;
+* an unexpected error (database, NATS timeout) naks the message (and, on the event consumer, the
+  rest of its batch, to keep the order) with an exponential delay (``retry_delay`` doubled per
+  delivery, capped at 30 s); on the event consumer's last allowed delivery it is dead-lettered
+  instead of being dropped. Timers are never dropped (unlimited deliveries).
 """
 
 from __future__ import annotations
 
 import base64
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from enum import StrEnum
-from typing import Protocol, cast
+from typing import Annotated, Protocol, cast
 
 import orjson
 from faststream.middlewares import AckPolicy
@@ -32,33 +46,58 @@ from faststream.nats import JStream, NatsMessage, NatsRouter, PullSub
 from nats.aio.msg import Msg
 from opentelemetry import propagate, trace
 from prometheus_client import CollectorRegistry, Counter
-from pydantic import ValidationError
+from pydantic import Field, ValidationError
 from sqlalchemy.exc import IntegrityError
 
-from libs.contracts import Catalog, Created, DeadLetter, dumps, error_list, parse_event
-from libs.contracts.envelope import ID_RE
+from libs.contracts import (
+    SERVICE_TYPES,
+    Catalog,
+    Created,
+    DeadLetter,
+    LifecycleEvent,
+    Routed,
+    dumps,
+    error_list,
+    parse_event,
+)
+from libs.contracts.envelope import ID_RE, RequestId, Slug, StrictModel, Timestamp
+from libs.contracts.events import SlaClock
 from libs.contracts.notifications import FieldError
 from libs.contracts.subjects import (
     CONSUMER_ROUTING,
+    CONSUMER_ROUTING_TIMERS,
     EVENTS_PREFIX,
     SERVICE_CONSUMERS,
     STREAM_DLQ,
     STREAM_EVENTS,
     STREAM_IN,
+    STREAM_TIMERS,
+    TIMER_DUE_PREFIX,
     dlq_subject,
     event_subject,
     service_subject,
+    timer_due_subject,
+    timer_schedule_subject,
 )
 
 from . import db
-from .domain import build_routed, decide
+from .domain import clock_event_id
+from .tracking import Context, Policy, TimerKind, TimerOutcome, TimerSpec, on_timer, start, wanted_timers
+from .tracking import follow as follow_event
 
 log = logging.getLogger("baton.routing")
 default_tracer = trace.get_tracer("baton.routing")
 
 SERVICE = "routing"
 ROUTED_SUBJECT = service_subject(SERVICE, "routed")
+#: Where each event type routing emits goes (all through intake).
+EMIT_SUBJECTS = {t: service_subject(SERVICE, t) for t, owner in SERVICE_TYPES.items() if owner == SERVICE}
 MAX_RETRY_DELAY = 30.0
+#: Due-timer messages expire after this (``Nats-Schedule-TTL``); the reconciler re-arms any timer
+#: that was never acted on, so a routing outage longer than this loses nothing.
+DUE_TTL = "168h"
+#: An early timer due within this long is naked until then instead of being scheduled again.
+EARLY_NAK_WINDOW = timedelta(seconds=60)
 
 
 class Publish(Protocol):
@@ -67,11 +106,33 @@ class Publish(Protocol):
     def __call__(self, subject: str, body: bytes, *, msg_id: str, stream: str) -> Awaitable[None]: ...
 
 
+class Schedule(Protocol):
+    """Publish a schedule message (``headers`` carry ``Nats-Schedule*``) to ``BATON_TIMERS``; waits for the PubAck."""
+
+    def __call__(self, subject: str, body: bytes, *, headers: dict[str, str]) -> Awaitable[None]: ...
+
+
+#: ``pending(request_id, after_stream_seq)``: is a canonical event of the request after that stream
+#: sequence already in the log (so routing has not caught up with the request yet)?
+Pending = Callable[[str, int], Awaitable[bool]]
+
+
 class Outcome(StrEnum):
-    ROUTED = "routed"  # a new decision, published
-    REPUBLISHED = "republished"  # already decided: the stored routed event published again
-    IGNORED = "ignored"  # not an event routing acts on
+    ROUTED = "routed"  # a new request: a decision, published
+    APPLIED = "applied"  # a later event applied to the request's clocks (maybe with events emitted)
+    REPUBLISHED = "republished"  # already processed: the stored events published again
+    IGNORED = "ignored"  # not a request routing follows
     DEAD_LETTERED = "dead_lettered"  # poison: not a valid canonical event
+
+
+class TimerHandling(StrEnum):
+    DONE = "done"  # ack
+    RETRY = "retry"  # nak with the given delay (not caught up, or early)
+    DEAD_LETTERED = "dead_lettered"
+
+
+class SequenceGap(RuntimeError):
+    """An event arrived before an earlier event of the same request: retried until the gap fills."""
 
 
 @dataclass(frozen=True)
@@ -83,6 +144,32 @@ class Inbound:
     headers: dict[str, str]
     stream_sequence: int
     num_delivered: int
+
+
+@dataclass(frozen=True)
+class TimerResultInfo:
+    handling: TimerHandling
+    outcome: str
+    delay: float = 0.0
+
+
+class TimerDue(StrictModel):
+    """The body of a schedule, and of the due message the server publishes from it."""
+
+    request_id: RequestId
+    department: Slug
+    clock: SlaClock
+    episode: Annotated[int, Field(ge=1)]
+    kind: TimerKind
+    due_at: Timestamp
+
+    @property
+    def clock_id(self) -> str:
+        return f"{self.request_id}.{self.department}.{self.clock.value}.{self.episode}"
+
+    @property
+    def subject(self) -> str:
+        return timer_due_subject(self.request_id, self.department, self.clock.value, self.episode, self.kind.value)
 
 
 @dataclass
@@ -105,17 +192,41 @@ class RoutingMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.messages = Counter(
             "baton_routing_messages",
-            "Canonical events handled by routing, by outcome: routed, republished, ignored, dead_lettered, "
+            "Canonical events handled by routing, by outcome: routed, applied, republished, ignored, dead_lettered, "
             "retried (naked for redelivery), gave_up (dead-lettered after the last delivery), lost.",
             ["outcome"],
             registry=registry,
         )
         self.decisions = Counter(
             "baton_routing_decisions",
-            "New routing decisions, by provider department and rule kind (explicit-provider, category, fallback).",
+            "New routing decisions, by provider department and rule kind (suggested, explicit-provider, rule, "
+            "category, fallback, returned).",
             ["provider_department", "rule"],
             registry=registry,
         )
+        self.emitted = Counter(
+            "baton_routing_emitted",
+            "Events routing emitted (first time, not republished), by type and department concerned.",
+            ["type", "department"],
+            registry=registry,
+        )
+        self.timers = Counter(
+            "baton_routing_timers",
+            "Due SLA timers handled, by kind and outcome (fired, already, early, stale, suppressed, unknown, "
+            "waiting: routing had not caught up with the request yet, retried, dead_lettered).",
+            ["kind", "outcome"],
+            registry=registry,
+        )
+        self.scheduled = Counter(
+            "baton_routing_timers_scheduled", "Timer schedules published to BATON_TIMERS.", registry=registry
+        )
+
+
+def schedule_headers(spec: TimerSpec) -> dict[str, str]:
+    """The JetStream message-schedule headers (nats-server 2.12+) of one timer: fire once at ``due_at``."""
+    due = spec.due_at.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    target = timer_due_subject(spec.request_id, spec.department, spec.clock.value, spec.episode, spec.kind.value)
+    return {"Nats-Schedule": f"@at {due}", "Nats-Schedule-Target": target, "Nats-Schedule-TTL": DUE_TTL}
 
 
 class RoutingProcessor:
@@ -126,13 +237,24 @@ class RoutingProcessor:
         publish: Publish,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         metrics: RoutingMetrics | None = None,
+        *,
+        schedule: Schedule | None = None,
+        pending: Pending | None = None,
+        policy: Policy | None = None,
     ) -> None:
         self.db = database
-        self.catalog = catalog
+        self.catalog = catalog  # replaced by the app when the catalog file changes
         self.publish = publish
+        self.schedule = schedule
+        self.pending = pending
         self.clock = clock
         self.metrics = metrics
+        self.policy = policy or Policy()
 
+    def _context(self) -> Context:
+        return Context(self.catalog, self.policy, self.clock())
+
+    # --- the canonical log ---------------------------------------------------------------------
     async def process(self, msg: Inbound) -> Outcome:
         try:
             event = parse_event(msg.data)
@@ -148,67 +270,214 @@ class RoutingProcessor:
                 msg, "subject_mismatch", f"event belongs on {expected}, not {msg.subject[:256]}", []
             )
             return Outcome.DEAD_LETTERED
-        if not isinstance(event, Created):
-            return Outcome.IGNORED
 
-        row, fresh = await self._record(event)
-        # Published after the commit; on a crash here, redelivery finds the row and publishes it again.
-        await self.publish(ROUTED_SUBJECT, row.routed.encode(), msg_id=row.event_id, stream=STREAM_IN)
-        if fresh:
-            log.info("routed %s to %s (%s)", event.request_id, row.provider_department, row.rule)
-            if self.metrics is not None:
-                self.metrics.decisions.labels(row.provider_department, row.rule.split(":", 1)[0]).inc()
-        return Outcome.ROUTED if fresh else Outcome.REPUBLISHED
+        rows, outcome = await self._record(event, msg.stream_sequence)
+        # Published after the commit; on a crash here, redelivery finds the rows and publishes them again.
+        await self._publish_rows(rows)
+        if outcome in (Outcome.ROUTED, Outcome.APPLIED):
+            self._count_new(rows)
+        await self.arm(event.request_id)
+        return outcome
 
-    async def _record(self, created: Created) -> tuple[db.DecisionRow, bool]:
-        """The decision for ``created``: ``(row, True)`` when made and committed now, ``(row, False)`` if stored."""
+    async def _record(self, event: LifecycleEvent, stream_seq: int) -> tuple[Sequence[db.OutboxRow], Outcome]:
         for attempt in range(2):
             try:
-                async with self.db.transaction() as session:
-                    if await db.is_processed(session, created.event_id):
-                        stored = await db.decision_for(session, created.event_id)
-                        if stored is None:
-                            raise RuntimeError(f"event {created.event_id} is processed but has no routing decision")
-                        return stored, False
-                    decision = decide(self.catalog, created)
-                    routed = build_routed(created, decision, self.clock())
-                    row = db.DecisionRow(
-                        event_id=routed.event_id,
-                        caused_by=created.event_id,
-                        request_id=created.request_id,
-                        provider_department=decision.provider_department,
-                        rule=decision.rule,
-                        reason=decision.reason,
-                        accept_by=decision.accept_by,
-                        resolve_by=decision.resolve_by,
-                        routed=dumps(routed).decode(),
-                        decided_at=routed.occurred_at,
-                    )
-                    session.add(
-                        db.ProcessedEventRow(
-                            event_id=created.event_id,
-                            request_id=created.request_id,
-                            event_type=created.type,
-                            processed_at=routed.occurred_at,
-                        )
-                    )
-                    session.add(row)
-                return row, True
+                return await self._record_once(event, stream_seq)
             except IntegrityError:
-                # Another routing replica recorded this event first: read its decision.
+                # Another routing replica recorded this event first: read what it stored.
                 if attempt:
                     raise
-                log.info("event %s recorded concurrently; reading the stored decision", created.event_id)
+                log.info("event recorded concurrently; reading the stored outcome")
         raise AssertionError("unreachable")  # pragma: no cover
 
+    async def _record_once(self, event: LifecycleEvent, stream_seq: int) -> tuple[Sequence[db.OutboxRow], Outcome]:
+        async with self.db.transaction() as session:
+            if await db.is_processed(session, event.event_id):
+                return await db.outbox_caused_by(session, event.event_id), Outcome.REPUBLISHED
+            track, stored = await db.load_track(session, event.request_id, lock=True)
+            ctx = self._context()
+            if track is None:
+                if not isinstance(event, Created):
+                    return [], Outcome.IGNORED  # a request routing never saw created (older than its database)
+                track, emits = start(event, ctx)
+                outcome = Outcome.ROUTED
+            elif isinstance(event, Created):
+                return [], Outcome.IGNORED  # the request exists already (intake refuses such a duplicate)
+            else:
+                sequence = event.sequence
+                if sequence is not None and sequence <= track.last_sequence:
+                    return await db.outbox_caused_by(session, event.event_id), Outcome.REPUBLISHED
+                if sequence is not None and sequence > track.last_sequence + 1:
+                    raise SequenceGap(
+                        f"{event.request_id}: event {sequence} before {track.last_sequence + 1} was applied"
+                    )
+                emits = follow_event(track, event, ctx)
+                outcome = Outcome.APPLIED
+            track.last_stream_seq = max(track.last_stream_seq, stream_seq)
+            db.save_track(session, track, stored, wanted_timers(track, ctx), ctx.now)
+            rows = db.add_outbox(session, emits, event.event_id, ctx.now)
+            for emitted in emits:
+                if isinstance(emitted, Routed):
+                    session.add(
+                        db.DecisionRow(
+                            event_id=emitted.event_id,
+                            caused_by=emitted.caused_by,
+                            request_id=emitted.request_id,
+                            provider_department=emitted.provider_department,
+                            rule=emitted.rule,
+                            reason=emitted.reason,
+                            accept_by=emitted.accept_by,
+                            resolve_by=emitted.resolve_by,
+                            routed=dumps(emitted).decode(),
+                            decided_at=emitted.occurred_at,
+                        )
+                    )
+            session.add(
+                db.ProcessedEventRow(
+                    event_id=event.event_id,
+                    request_id=event.request_id,
+                    event_type=event.type,
+                    processed_at=ctx.now,
+                )
+            )
+            return rows, outcome
+
+    async def _publish_rows(self, rows: Sequence[db.OutboxRow]) -> None:
+        for row in rows:
+            await self.publish(EMIT_SUBJECTS[row.event_type], row.body.encode(), msg_id=row.event_id, stream=STREAM_IN)
+
+    def _count_new(self, rows: Sequence[db.OutboxRow]) -> None:
+        for row in rows:
+            doc = orjson.loads(row.body)
+            if row.event_type == "routed":
+                log.info("routed %s to %s (%s)", row.request_id, doc["provider_department"], doc["rule"])
+            else:
+                log.info("%s %s: %s", row.event_type, row.request_id, _summary(doc))
+            if self.metrics is None:
+                continue
+            department = doc.get("department") or doc.get("provider_department") or ""
+            self.metrics.emitted.labels(row.event_type, department).inc()
+            if row.event_type == "routed":
+                self.metrics.decisions.labels(doc["provider_department"], doc["rule"].split(":", 1)[0]).inc()
+            elif row.event_type == "returned":
+                self.metrics.decisions.labels("", "returned").inc()
+
+    # --- timers ------------------------------------------------------------------------------------
+    async def process_timer(self, msg: Inbound) -> TimerResultInfo:
+        try:
+            due = TimerDue.model_validate_json(msg.data)
+        except ValidationError as exc:
+            errors = error_list(exc)
+            summary = "; ".join(f"{'.'.join(map(str, e.loc)) or '(root)'}: {e.message}" for e in errors[:5])
+            await self._dead_letter(msg, "bad_timer", f"not a valid timer: {summary}"[:1000], errors)
+            return TimerResultInfo(TimerHandling.DEAD_LETTERED, "dead_lettered")
+        if msg.subject != due.subject:
+            await self._dead_letter(msg, "subject_mismatch", f"timer belongs on {due.subject}", [])
+            return TimerResultInfo(TimerHandling.DEAD_LETTERED, "dead_lettered")
+
+        async with self.db.transaction() as session:
+            track, _ = await db.load_track(session, due.request_id)
+        if track is None:
+            return TimerResultInfo(TimerHandling.DONE, TimerOutcome.UNKNOWN.value)
+        if self.pending is not None and await self.pending(due.request_id, track.last_stream_seq):
+            return TimerResultInfo(TimerHandling.RETRY, "waiting", min(0.2 * msg.num_delivered, 2.0))
+
+        kind = due.kind
+        async with self.db.transaction() as session:
+            track, stored = await db.load_track(session, due.request_id, lock=True)
+            if track is None:  # pragma: no cover - rows are never deleted
+                return TimerResultInfo(TimerHandling.DONE, TimerOutcome.UNKNOWN.value)
+            ctx = self._context()
+            result = on_timer(track, due.clock_id, kind, ctx)
+            early_soon = (
+                result.outcome is TimerOutcome.EARLY
+                and result.due_at is not None
+                and result.due_at - ctx.now <= EARLY_NAK_WINDOW
+            )
+            rearm = (
+                frozenset({due.clock_id}) if result.outcome is TimerOutcome.EARLY and not early_soon else frozenset()
+            )
+            db.save_track(session, track, stored, wanted_timers(track, ctx), ctx.now, rearm=rearm)
+            rows: Sequence[db.OutboxRow] = db.add_outbox(session, result.emits, f"timer:{due.clock_id}:{kind}", ctx.now)
+            if result.outcome is TimerOutcome.ALREADY:
+                prefix = "esc" if kind is TimerKind.BREACH else "slw"
+                stored_row = await db.outbox_event(
+                    session, clock_event_id(prefix, due.request_id, due.department, due.clock, due.episode)
+                )
+                rows = [stored_row] if stored_row is not None else []
+        await self._publish_rows(rows)
+        if result.outcome is TimerOutcome.FIRED:
+            self._count_new(rows)
+        await self.arm(due.request_id)
+        if early_soon and result.due_at is not None:
+            delay = max((result.due_at - ctx.now).total_seconds(), 0.0) + 0.05
+            return TimerResultInfo(TimerHandling.RETRY, result.outcome.value, delay)
+        return TimerResultInfo(TimerHandling.DONE, result.outcome.value)
+
+    async def arm(self, request_id: str | None = None) -> int:
+        """Schedule the timers of every clock marked dirty (of one request, or all); returns how many were sent."""
+        if self.schedule is None:
+            return 0
+        async with self.db.transaction() as session:
+            rows = await db.dirty_clocks(session, request_id)
+            work = [(row.clock_id, row.schedule_version, db.timer_specs(row)) for row in rows]
+        sent = 0
+        done: list[tuple[str, int]] = []
+        for clock_id, version, specs in work:
+            for spec in specs:
+                await self._schedule(spec)
+                sent += 1
+            done.append((clock_id, version))
+        if done:
+            async with self.db.transaction() as session:
+                for clock_id, version in done:
+                    await db.mark_scheduled(session, clock_id, version)
+        return sent
+
+    async def _schedule(self, spec: TimerSpec) -> None:
+        assert self.schedule is not None
+        body = TimerDue(
+            request_id=spec.request_id,
+            department=spec.department,
+            clock=spec.clock,
+            episode=spec.episode,
+            kind=spec.kind,
+            due_at=spec.due_at,
+        )
+        subject = timer_schedule_subject(
+            spec.request_id, spec.department, spec.clock.value, spec.episode, spec.kind.value
+        )
+        await self.schedule(subject, dumps(body), headers=schedule_headers(spec))
+        if self.metrics is not None:
+            self.metrics.scheduled.inc()
+
+    async def reconcile(self, *, overdue_grace: timedelta | None = None) -> int:
+        """Arm every dirty clock; with ``overdue_grace``, also re-arm timers that should have fired more than
+        that long ago and were never acted on (a lost or expired due message). Returns the schedules sent."""
+        if overdue_grace is not None:
+            async with self.db.transaction() as session:
+                rows = await db.overdue_clocks(session, self.clock() - overdue_grace)
+                if rows:
+                    log.warning("re-arming %d overdue timers that were never acted on", len(rows))
+                    await db.mark_dirty(session, [r.clock_id for r in rows])
+        total = 0
+        for _ in range(100):  # 500 clocks a round; bounded in case clocks keep changing underneath
+            sent = await self.arm()
+            total += sent
+            if sent == 0:
+                break
+        return total
+
+    # --- dead letters --------------------------------------------------------------------------------
     async def dead_letter_poison(self, msg: Inbound, error: BaseException) -> None:
         """Called on a message's last allowed delivery when processing keeps failing."""
         await self._dead_letter(msg, "processing_failed", f"{type(error).__name__}: {error}"[:1000], [])
 
     async def _dead_letter(self, msg: Inbound, code: str, message: str, errors: list[FieldError]) -> None:
         log.warning("dead-lettering %s (%s): %s", msg.subject[:128], code, message[:200])
+        prefix = "dlq-routing-timers" if msg.subject.startswith(TIMER_DUE_PREFIX) else "dlq-routing"
         letter = DeadLetter(
-            dead_letter_id=f"dlq-routing-{msg.stream_sequence}",
+            dead_letter_id=f"{prefix}-{msg.stream_sequence}",
             service=SERVICE,
             code=code,
             message=message,
@@ -223,6 +492,11 @@ class RoutingProcessor:
         await self.publish(dlq_subject(SERVICE, code), dumps(letter), msg_id=letter.dead_letter_id, stream=STREAM_DLQ)
 
 
+def _summary(doc: dict[str, object]) -> str:
+    keys = ("department", "clock", "episode", "pattern", "overdue_seconds", "reason")
+    return ", ".join(f"{k}={doc[k]}" for k in keys if k in doc)[:300]
+
+
 def _event_id_of(data: bytes) -> str | None:
     """The ``event_id`` of a rejected body, when it is a JSON object carrying a valid one."""
     try:
@@ -233,7 +507,7 @@ def _event_id_of(data: bytes) -> str | None:
     return value if isinstance(value, str) and ID_RE.fullmatch(value) else None
 
 
-# --- FastStream wiring: the one subscription routing has --------------------------------
+# --- FastStream wiring: routing's two subscriptions ----------------------------------------------------
 
 
 def build_router(
@@ -246,12 +520,12 @@ def build_router(
     tracer: trace.Tracer | None = None,
     limit: DeliveryLimit | None = None,
 ) -> NatsRouter:
-    """Routing's only subscription: the durable ``routing`` consumer on ``BATON_EVENTS`` (provisioned by Baton).
+    """Routing's subscriptions: ``routing`` on ``BATON_EVENTS`` and ``routing-timers`` on ``BATON_TIMERS``.
 
-    A batch subscriber keeps the stream order (FastStream's single-message pull subscriber
-    handles a fetched batch concurrently); every message is acked or naked on its own.
-    Each message is processed in a consumer span continuing the trace its headers carry
-    (``tracer``: from the service's own provider, else the global one).
+    Batch subscribers keep the stream order (FastStream's single-message pull subscriber handles
+    a fetched batch concurrently); every message is acked or naked on its own. Each canonical
+    event is processed in a consumer span continuing the trace its headers carry (``tracer``:
+    from the service's own provider, else the global one).
     """
     router = NatsRouter()
     limit = limit or DeliveryLimit()
@@ -269,7 +543,7 @@ def build_router(
         ack_policy=AckPolicy.MANUAL,
         decoder=raw_batch,
         title="routing:events",
-        description="The canonical event log (baton.events.<request_id>.<type>); routing acts on 'created'.",
+        description="The canonical event log (baton.events.<request_id>.<type>): routing follows every request.",
     )
     async def on_event(body: list[bytes], msg: NatsMessage) -> None:
         raws: list[Msg] = cast("list[Msg]", msg.raw_message)
@@ -304,7 +578,10 @@ def build_router(
                     count("gave_up")
                     continue
                 delay = backoff_delay(retry_delay, inbound.num_delivered)
-                log.exception("processing %s failed; redelivering in %.1fs", raw.subject[:128], delay)
+                if isinstance(exc, SequenceGap):
+                    log.info("%s; redelivering in %.1fs", exc, delay)
+                else:
+                    log.exception("processing %s failed; redelivering in %.1fs", raw.subject[:128], delay)
                 # Keep the order: this message and everything after it in the batch come back later.
                 for later in raws[index:]:
                     await later.nak(delay=delay)
@@ -312,6 +589,40 @@ def build_router(
                 return
             await raw.ack()
             count(outcome.value)
+
+    def count_timer(kind: str, outcome: str) -> None:
+        if metrics is not None:
+            metrics.timers.labels(kind, outcome).inc()
+
+    @router.subscriber(
+        f"{TIMER_DUE_PREFIX}.>",
+        stream=JStream(STREAM_TIMERS, declare=False),
+        durable=CONSUMER_ROUTING_TIMERS,
+        pull_sub=PullSub(batch_size=batch_size, timeout=fetch_timeout, batch=True),
+        ack_policy=AckPolicy.MANUAL,
+        decoder=raw_batch,
+        title="routing:timers",
+        description="Due SLA timers (baton.timers.due.<request_id>.<dept>.<clock>.<episode>.<kind>).",
+    )
+    async def on_timer_due(body: list[bytes], msg: NatsMessage) -> None:
+        for raw in cast("list[Msg]", msg.raw_message):
+            inbound = to_inbound(raw)
+            kind = raw.subject.rsplit(".", 1)[-1][:16]
+            try:
+                result = await processor.process_timer(inbound)
+            except Exception:
+                delay = backoff_delay(retry_delay, inbound.num_delivered)
+                log.exception("timer %s failed; redelivering in %.1fs", raw.subject[:160], delay)
+                await raw.nak(delay=delay)
+                count_timer(kind, "retried")
+                continue
+            if result.handling is TimerHandling.RETRY:
+                await raw.nak(delay=result.delay)
+            elif result.handling is TimerHandling.DEAD_LETTERED:
+                await raw.term()
+            else:
+                await raw.ack()
+            count_timer(kind, result.outcome)
 
     return router
 

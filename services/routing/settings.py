@@ -22,4 +22,24 @@ class RoutingSettings(BaseSettings):
         description="First redelivery delay of a failed message; doubled per delivery, capped at 30 s.",
     )
     graceful_timeout: float = Field(default=15.0, gt=0, description="Seconds to drain in-flight work on SIGTERM.")
+    catalog_poll_interval: float = Field(
+        default=2.0, ge=0, description="Seconds between checks of the catalog file for changes (0: never reload)."
+    )
+    warning_fraction: float = Field(
+        default=0.75, gt=0, lt=1, description="sla_warning when a clock has used this fraction of its target."
+    )
+    max_hops: int = Field(default=4, ge=1, description="handoff_loop_detected when a request has more handoffs.")
+    quick_reassign_within: float = Field(
+        default=600.0,
+        ge=0,
+        description="Seconds: a reassignment this soon after accepting is reported as a handoff loop.",
+    )
+    reconcile_interval: float = Field(
+        default=5.0, gt=0, description="Seconds between re-scheduling timers whose schedule did not reach NATS."
+    )
+    overdue_grace: float = Field(
+        default=60.0,
+        gt=0,
+        description="Seconds after which a timer that should have fired, and was not acted on, is armed again.",
+    )
     log_level: str = "INFO"

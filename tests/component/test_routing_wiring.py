@@ -129,7 +129,9 @@ async def test_http_catalog_and_routing_endpoints(catalog: Catalog, make_databas
 
     assert listing["fallback_department"] == catalog.fallback_department
     first = listing["departments"][0]
-    assert set(first) == {"slug", "name", "kind", "categories", "timezone"}
+    assert set(first) == {"slug", "name", "kind", "categories", "timezone", "business_hours", "holidays", "sla"}
+    assert [r["name"] for r in listing["rules"]] == [r.name for r in catalog.rules]
+    assert listing["catalog"]["ok"] is True
     assert [d["slug"] for d in listing["departments"]] == catalog.slugs
     assert routing.status_code == 200
     (decision,) = routing.json()["decisions"]
@@ -193,7 +195,8 @@ async def test_redelivery_republishes_the_stored_bytes(processor: RoutingProcess
     routed = parse_event(first.body)
     assert isinstance(routed, Routed)
     assert routed.occurred_at == NOW
-    assert routed.accept_by == T0 + timedelta(hours=1)  # it: high -> accept within 1h in the example catalog
+    # it: high -> accept within 1 h of IT's business time from the handoff (Tuesday 10:30 in Paris)
+    assert routed.accept_by == NOW + timedelta(hours=1)
 
 
 async def test_publish_failure_after_commit_is_repaired_by_redelivery(processor: RoutingProcessor) -> None:

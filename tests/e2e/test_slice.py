@@ -20,6 +20,7 @@ import pytest
 from nats.aio.client import Client as NATS
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
+from baton.cmd_tokens import token_from_file
 from baton.supervisor import Stack, StackConfig
 from libs.contracts.subjects import STREAM_DLQ, STREAM_NOTIFY
 
@@ -94,10 +95,15 @@ async def notifications(nc: NATS, dept: str, rid: str, expect: int, within: floa
         await asyncio.sleep(0.2)
 
 
+def operator_headers(stack: Stack) -> dict[str, str]:
+    """Metrics checks department tokens (baton up writes them): the operator's sees every request."""
+    return {"Authorization": f"Bearer {token_from_file(stack.data_dir / 'tokens.txt', None)}"}
+
+
 async def timeline(stack: Stack, rid: str, expect_events: int, within: float = 20.0) -> dict[str, Any]:
     url = f"{stack.services['metrics'].url}/v1/requests/{rid}/timeline"
     deadline = asyncio.get_running_loop().time() + within
-    async with httpx.AsyncClient(timeout=5) as client:
+    async with httpx.AsyncClient(timeout=5, headers=operator_headers(stack)) as client:
         while True:
             response = await client.get(url)
             if response.status_code == 200 and len(response.json()["events"]) >= expect_events:
@@ -290,7 +296,7 @@ async def test_dashboard_pages_render_requests_and_escape_user_text(stack: Stack
     await publish(nc, "hr", created)
     await timeline(stack, rid, 2)
     base = stack.services["metrics"].url
-    async with httpx.AsyncClient(timeout=5) as client:
+    async with httpx.AsyncClient(timeout=5, headers=operator_headers(stack)) as client:
         index = await client.get(f"{base}/")
         page = await client.get(f"{base}/requests/{rid}")
         missing = await client.get(f"{base}/requests/REQ-NOPE0000")

@@ -7,6 +7,7 @@ import base64
 import uuid
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -16,6 +17,7 @@ import pytest
 from nats.aio.client import Client as NATS
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
+from baton.cmd_tokens import issue_token
 from libs.contracts.subjects import STREAM_DLQ, STREAM_EVENTS, STREAM_NOTIFY, inbound_subject, service_subject
 from services.intake.app import create_app
 from services.intake.settings import IntakeSettings
@@ -57,9 +59,20 @@ def routed(rid: str, to: str = "it") -> dict[str, Any]:
 
 
 @pytest.fixture
-async def intake(provisioned_nats: str, make_database_url: Callable[[str], str]) -> AsyncIterator[Any]:
+def operator_token(tmp_path: Path) -> str:
+    return issue_token(tmp_path / "tokens.yaml", None)[1]
+
+
+@pytest.fixture
+async def intake(
+    provisioned_nats: str, make_database_url: Callable[[str], str], tmp_path: Path, operator_token: str
+) -> AsyncIterator[Any]:
     settings = IntakeSettings(
-        nats_url=provisioned_nats, database_url=make_database_url("intake"), fetch_timeout=0.05, retry_delay=0.2
+        nats_url=provisioned_nats,
+        database_url=make_database_url("intake"),
+        fetch_timeout=0.05,
+        retry_delay=0.2,
+        tokens_path=tmp_path / "tokens.yaml",
     )
     app = create_app(settings)
     async with app.router.lifespan_context(app):
@@ -101,7 +114,7 @@ async def read_stream(nc: NATS, stream: str, subject: str, expect: int, within: 
         await asyncio.sleep(0.1)
 
 
-async def test_lifecycle_lands_in_the_canonical_log_with_sequences(intake: Any, nc: NATS) -> None:
+async def test_lifecycle_lands_in_the_canonical_log_with_sequences(intake: Any, nc: NATS, operator_token: str) -> None:
     rid = new_rid()
     await publish(nc, inbound_subject("marketing", "created"), created(rid))
     await read_stream(nc, STREAM_EVENTS, f"baton.events.{rid}.created", 1)
@@ -126,7 +139,8 @@ async def test_lifecycle_lands_in_the_canonical_log_with_sequences(intake: Any, 
     assert all(e["recorded_at"] for e in log)
 
     transport = httpx.ASGITransport(app=intake)
-    async with httpx.AsyncClient(transport=transport, base_url="http://intake") as client:
+    auth = {"Authorization": f"Bearer {operator_token}"}
+    async with httpx.AsyncClient(transport=transport, base_url="http://intake", headers=auth) as client:
         state = (await client.get(f"/v1/requests/{rid}")).json()
         assert (state["state"], state["holder_department"], state["sequence"]) == ("resolved", "it", 5)
         assert (await client.get("/v1/requests/REQ-UNKNOWN1")).status_code == 404
@@ -242,10 +256,10 @@ async def test_a_transient_failure_does_not_let_a_later_event_overtake(intake: A
     real_apply = processor._apply
     failures = [OperationalError("UPDATE requests", {}, Exception("database is locked"))] * 2
 
-    async def hiccup(msg: Any, checked: Any) -> Any:
+    async def hiccup(checked: Any, outbox: bool = False) -> Any:
         if checked.event.type == "accepted" and failures:
             raise failures.pop()
-        return await real_apply(msg, checked)
+        return await real_apply(checked, outbox)
 
     processor._apply = hiccup
     accepted = env("accepted", rid, "it", 2) | {"assignee": "Sam", "eta": (T0 + timedelta(days=1)).isoformat()}

@@ -54,7 +54,8 @@ async def test_streams_have_their_spec(nc: NATS) -> None:
         assert config.deny_delete is spec.deny_delete
         assert config.storage == StorageType.FILE
         assert config.num_replicas == 1
-    assert {s.name for s in STREAMS} == {"BATON_IN", "BATON_EVENTS", "BATON_NOTIFY", "BATON_DLQ"}
+        assert config.allow_msg_schedules is (True if spec.allow_msg_schedules else None)
+    assert {s.name for s in STREAMS} == {"BATON_IN", "BATON_EVENTS", "BATON_NOTIFY", "BATON_DLQ", "BATON_TIMERS"}
     inbound = (await jsm.stream_info(STREAM_IN)).config
     assert inbound.duplicate_window is not None
     assert inbound.duplicate_window >= 600

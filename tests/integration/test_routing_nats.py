@@ -29,7 +29,7 @@ from prometheus_client import CollectorRegistry
 from libs.contracts import Catalog, DeadLetter, Routed, parse_event
 from libs.contracts.subjects import CONSUMER_ROUTING, STREAM_DLQ, STREAM_EVENTS, STREAM_IN, event_subject
 from services.routing.app import create_app
-from services.routing.domain import choose_provider, routed_event_id
+from services.routing.domain import RoutingRequest, choose, routed_event_id
 from services.routing.handlers import ROUTED_SUBJECT, RoutingProcessor
 from services.routing.settings import RoutingSettings
 from tests.conftest import MakeDatabaseUrl
@@ -139,7 +139,8 @@ async def test_created_is_routed_once_and_redelivery_republishes_the_same_bytes(
     doc = created_doc("REQ-NATS0001")
     body = orjson.dumps(doc)
     subject = event_subject(doc["request_id"], "created")
-    expected_provider, expected_rule, _ = choose_provider(catalog, "laptop", None)
+    expected = choose(catalog, RoutingRequest("laptop", doc["title"]))
+    assert expected.department is not None
 
     async with running(app) as client:
         ready = await client.get("/readyz")
@@ -152,7 +153,7 @@ async def test_created_is_routed_once_and_redelivery_republishes_the_same_bytes(
         routed = parse_event(routed_msgs[0][1])
         assert isinstance(routed, Routed)
         assert routed.event_id == routed_event_id(doc["event_id"])
-        assert (routed.provider_department, routed.rule) == (expected_provider.slug, expected_rule)
+        assert (routed.provider_department, routed.rule) == (expected.department.slug, expected.rule)
         assert routed.caused_by == doc["event_id"]
         assert (routed.sequence, routed.recorded_at, routed.trace_id) == (None, None, None)
 
@@ -289,3 +290,103 @@ async def test_startup_fails_clearly_without_the_provisioned_consumer(
         async with app.router.lifespan_context(app):
             pass  # pragma: no cover
     await app.state.database.close()
+
+
+SHORT_SLA = Catalog.model_validate(
+    {
+        "fallback_department": "ops",
+        "departments": [
+            {
+                "slug": "ops",
+                "name": "Ops (24/7)",
+                "categories": ["ops-task"],
+                "business_hours": {"always": True},
+                "sla": {"normal": {"accept_within": 2, "resolve_within": 3600}},
+            }
+        ],
+    }
+)
+
+
+async def test_a_jetstream_scheduled_timer_escalates_a_breach_once(
+    provisioned_nats: str, nc: NATS, make_database_url: MakeDatabaseUrl, catalog_path: Path
+) -> None:
+    """The whole timer path on a real nats-server: clock armed -> schedule in BATON_TIMERS -> due message ->
+    sla_warning at 75 % and escalated at the deadline, each once."""
+    app = create_app(settings_for(provisioned_nats, make_database_url("routing"), catalog_path), catalog=SHORT_SLA)
+    created = created_doc("REQ-TIMER001", category="ops-task", occurred_at=datetime.now(UTC).isoformat())
+    async with running(app):
+        await publish_canonical(nc, event_subject("REQ-TIMER001", "created"), orjson.dumps(created), "c-t1")
+
+        async def routed_published() -> bool:
+            return any(s == ROUTED_SUBJECT for s, _ in await stream_messages(nc, STREAM_IN))
+
+        await until(routed_published, "routed")
+        (routed_body,) = [d for s, d in await stream_messages(nc, STREAM_IN) if s == ROUTED_SUBJECT]
+        # What intake does with it: append it to the canonical log with its stamps.
+        stamped = orjson.loads(routed_body) | {"sequence": 2, "recorded_at": datetime.now(UTC).isoformat()}
+        await publish_canonical(nc, event_subject("REQ-TIMER001", "routed"), orjson.dumps(stamped), "c-t2")
+
+        async def notices() -> list[str]:
+            return [s for s, _ in await stream_messages(nc, STREAM_IN) if s != ROUTED_SUBJECT]
+
+        async def escalated() -> bool:
+            return "baton.svc.routing.escalated" in await notices()
+
+        await until(escalated, "the accept clock to breach", timeout=10)
+        await asyncio.sleep(1.0)  # nothing else may come
+        assert sorted(await notices()) == ["baton.svc.routing.escalated", "baton.svc.routing.sla_warning"]
+        timers = await nc.jsm().stream_info("BATON_TIMERS", subjects_filter="baton.timers.>")
+        assert timers.state.subjects is not None
+        # Fired schedules are removed; their due messages stay until their TTL. The resolve clock's wait in place.
+        assert set(timers.state.subjects) == {
+            "baton.timers.due.REQ-TIMER001.ops.accept.1.warning",
+            "baton.timers.due.REQ-TIMER001.ops.accept.1.breach",
+            "baton.timers.sched.REQ-TIMER001.ops.resolve.1.warning",
+            "baton.timers.sched.REQ-TIMER001.ops.resolve.1.breach",
+        }
+    (body,) = [d for s, d in await stream_messages(nc, STREAM_IN) if s.endswith(".escalated")]
+    event = parse_event(body)
+    assert event.type == "escalated"
+    assert (event.department, event.clock.value, event.episode) == ("ops", "accept", 1)  # type: ignore[union-attr]
+    assert 0 <= event.overdue_seconds < 5  # type: ignore[union-attr]
+
+
+async def test_the_running_service_reloads_its_catalog_file(
+    provisioned_nats: str, nc: NATS, make_database_url: MakeDatabaseUrl, catalog_path: Path, tmp_path: Path
+) -> None:
+    path = tmp_path / "catalog.yaml"
+    original = catalog_path.read_text(encoding="utf-8")
+    path.write_text(original, encoding="utf-8")
+    settings = settings_for(provisioned_nats, make_database_url("routing"), path).model_copy(
+        update={"catalog_poll_interval": 0.1}
+    )
+    app = create_app(settings)
+    laptop_rule = "\n  - name: all-laptops-to-vendor\n    when: {categories: [laptop]}\n    route_to: acme-it\n"
+    async with running(app) as client:
+        path.write_text(original.replace("\nrules:\n", "\nrules:" + laptop_rule, 1), encoding="utf-8")
+
+        async def reloaded() -> bool:
+            rules = (await client.get("/v1/catalog")).json()["rules"]
+            return any(r["name"] == "all-laptops-to-vendor" for r in rules)
+
+        await until(reloaded, "the edited catalog to be loaded")
+        doc = created_doc("REQ-RELOAD01")
+        seq = await publish_canonical(nc, event_subject(doc["request_id"], "created"), orjson.dumps(doc), "c-r1")
+        await until(acked_through(nc, seq), "the created event to be acked")
+        (routed,) = [parse_event(d) for s, d in await stream_messages(nc, STREAM_IN) if s == ROUTED_SUBJECT]
+        assert isinstance(routed, Routed)
+        assert (routed.provider_department, routed.rule) == ("acme-it", "rule:all-laptops-to-vendor")
+
+        path.write_text(original.replace("fallback_department: service-desk", "fallback_department: nobody"))
+
+        async def refused() -> bool:
+            return (await client.get("/readyz")).json()["catalog"]["ok"] is False
+
+        await until(refused, "the broken edit to be refused")
+        ready = await client.get("/readyz")
+        assert ready.status_code == 200  # still routing, with the last good catalog
+        status = ready.json()["catalog"]
+        assert f"{path}:" in status["last_error"]
+        assert "fallback_department 'nobody' is not a department in the catalog" in status["last_error"]
+        assert app.state.processor.catalog.fallback_department == "service-desk"

@@ -210,7 +210,7 @@ def test_one_notification_per_department_in_the_strongest_role(
 
 def test_recipients_keep_a_stable_order() -> None:
     after = projection()
-    assert recipients(after, delayed()) == [
+    assert recipients(after, after, delayed()) == [
         Recipient("finance", R),
         Recipient("it", P),
         Recipient("service-desk", P),
