@@ -13,13 +13,19 @@ from .settings import MetricsSettings
 def main() -> None:
     settings = MetricsSettings()
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    uvicorn.run(
-        create_app(settings),
-        host=settings.http_host,
-        port=settings.http_port,
-        log_level="warning",
-        timeout_graceful_shutdown=int(settings.graceful_timeout),
+    app = create_app(settings)
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app,
+            host=settings.http_host,
+            port=settings.http_port,
+            log_level="warning",
+            timeout_graceful_shutdown=int(settings.graceful_timeout),
+        )
     )
+    # Live streams (/v1/live/stream) end as soon as the server starts shutting down.
+    app.state.server = server
+    server.run()
 
 
 if __name__ == "__main__":

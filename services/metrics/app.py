@@ -30,7 +30,14 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_asgi_app
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, RedirectResponse, Response
+from starlette.responses import (
+    HTMLResponse,
+    JSONResponse,
+    PlainTextResponse,
+    RedirectResponse,
+    Response,
+    StreamingResponse,
+)
 
 from libs.contracts.catalog import Catalog
 from libs.contracts.catalog_file import CatalogError, load_catalog
@@ -44,6 +51,7 @@ from .domain import RequestSummary, Timeline
 from .facts import RequestFacts, changes
 from .handlers import MetricsProcessor, Outcome, build_router
 from .kpis import Scorecard, Scorecards, ServiceMap, Trend, parse_window, to_csv
+from .live import LiveFeed
 from .postmortem import PostMortem, to_markdown
 from .settings import MetricsSettings
 from .views import Reader
@@ -227,7 +235,13 @@ def create_app(
     async def publish(subject: str, body: bytes, *, msg_id: str, stream: str) -> None:
         await broker.publish(body, subject, headers={"Nats-Msg-Id": msg_id}, stream=stream, timeout=10)
 
-    processor = MetricsProcessor(database, publish, observe=observe, on_facts=business.on_facts, clock=clock)
+    live_feed = LiveFeed()
+
+    async def on_facts(before: Any, after: Any) -> None:
+        await business.on_facts(before, after)
+        await live_feed.bump()
+
+    processor = MetricsProcessor(database, publish, observe=observe, on_facts=on_facts, clock=clock)
     broker.include_router(
         build_router(
             processor,
@@ -398,6 +412,25 @@ def create_app(
     @app.get("/v1/live", tags=["ops"])
     async def live(viewer: Who) -> dict[str, object]:
         return await reader.live()
+
+    @app.get("/v1/live/stream", tags=["ops"], response_class=StreamingResponse)
+    async def live_stream(viewer: Who, request: Request) -> StreamingResponse:
+        """Server-Sent Events: ``projected`` each time the projection changes (the data is only a version)."""
+        server = getattr(request.app.state, "server", None)
+        disconnected = False
+
+        def stop() -> bool:
+            return disconnected or bool(server is not None and server.should_exit)
+
+        async def frames() -> AsyncIterator[str]:
+            nonlocal disconnected
+            async for frame in live_feed.stream(stop):
+                yield frame
+                disconnected = await request.is_disconnected()
+
+        return StreamingResponse(
+            frames(), media_type="text/event-stream", headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"}
+        )
 
     # --- the dashboard -------------------------------------------------------------------
     def page(template: str, viewer: Viewer, **context: Any) -> HTMLResponse:

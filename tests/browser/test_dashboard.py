@@ -141,7 +141,9 @@ async def test_scorecards_and_service_map_render_with_real_data(browser: Browser
     edges = page.locator("#service-map-table td[data-edge]")
     assert await edges.count() >= 3
     assert await page.locator("#recent-table tbody tr").count() >= 6
-    await wait_for(lambda: _text(page, "#live"), 10, "the live-update poller to report")
+    # The page listens to the server's push stream (SSE) and says so once connected.
+    await wait_for(lambda: _text(page, "#live"), 10, "the live-update stream to connect")
+    await wait_for(lambda: _text(page, "#live", "updated"), 20, "a pushed update from the demo traffic")
     await page.screenshot(path=str(shot("dashboard.png")), full_page=True)
 
     await page.locator("#scorecard-table a", has_text="IT Operations").click()
@@ -151,8 +153,9 @@ async def test_scorecards_and_service_map_render_with_real_data(browser: Browser
     await page.context.close()
 
 
-async def _text(page: Page, selector: str) -> bool:
-    return "live ·" in (await page.locator(selector).inner_text())
+async def _text(page: Page, selector: str, word: str = "") -> bool:
+    text = await page.locator(selector).inner_text()
+    return "live (push)" in text and word in text
 
 
 async def test_a_request_timeline_draws_swimlanes(browser: Browser, running: Running) -> None:
