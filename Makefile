@@ -7,7 +7,7 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed-stamp
 
-.PHONY: setup run demo test lint typecheck pytest fmt lock schemas openapi bench clean
+.PHONY: setup run demo test browser lint typecheck pytest fmt lock schemas openapi bench clean
 
 setup: $(STAMP)
 
@@ -24,7 +24,11 @@ run: setup
 demo: setup
 	$(BIN)/baton up --demo
 
-test: setup lint typecheck pytest
+test: setup browser lint typecheck pytest
+
+# Debian's chromium for the dashboard's browser tests (installed once, only for testing).
+browser:
+	sh scripts/bootstrap.sh --browser
 
 lint: setup
 	$(BIN)/ruff check .

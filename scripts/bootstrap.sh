@@ -12,7 +12,8 @@ if ! "$PY" -c "import venv, ensurepip" >/dev/null 2>&1; then
 fi
 # The dashboard's browser tests (tests/browser) drive Debian's own headless Chromium through
 # Playwright's executable_path: the distribution's package, never `playwright install`.
-if [ ! -x /usr/bin/chromium ]; then
+# Only `make test` asks for it (`--browser`); `make run` does not need a browser.
+if [ "${1:-}" = "--browser" ] && [ ! -x /usr/bin/chromium ]; then
     echo "bootstrap: installing chromium (for the dashboard's browser tests)"
     SUDO=""
     [ "$(id -u)" -eq 0 ] || SUDO="sudo"
