@@ -2,7 +2,8 @@
 nats-py exactly as a line-of-business system would (``baton.in.<dept>.<type>`` + ``Nats-Msg-Id``).
 
 Each simulated provider reacts to its own ``routed`` notifications: it accepts with an ETA,
-sometimes delays with a reason, then resolves.
+sometimes delays with a reason, then resolves; now and then it declines instead. The simulated
+requester comments, sometimes reopens, and always closes with feedback.
 """
 
 from __future__ import annotations
@@ -59,6 +60,11 @@ DELAY_REASONS: tuple[tuple[str, str, str | None], ...] = (
     ("team at capacity this week", "capacity", None),
     ("needs sign-off from finance", "waiting_on_department", "finance"),
 )
+
+#: How often the simulated departments decline, comment and reopen (the rest is the happy path).
+DECLINE_SHARE = 0.08
+COMMENT_SHARE = 0.25
+REOPEN_SHARE = 0.10
 
 PEOPLE = {
     "it": "Sam",
@@ -155,16 +161,52 @@ class Demo:
                 note = orjson.loads(msg.data)
                 if note.get("role") != "provider":
                     continue
-                task = asyncio.create_task(self._serve(js, note["department"], note["request_id"]))
+                serve = self._serve(js, note["department"], note["request_id"], note.get("requester_department"))
+                task = asyncio.create_task(serve)
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
 
     async def _pause(self, low: float, high: float) -> None:
         await asyncio.sleep(self.random.uniform(low, high) / self.speed)
 
-    async def _serve(self, js: Any, dept: str, request_id: str) -> None:
-        """One provider's side of a request: accept, maybe delay, resolve."""
+    async def _serve(self, js: Any, dept: str, request_id: str, requester: str | None) -> None:
+        """One provider's side of a request (accept, maybe delay, resolve), and the requester's answer
+        (a comment now and then, sometimes a reopening, then feedback). Some requests are declined."""
         await self._pause(1, 4)
+        if self.random.random() < DECLINE_SHARE:
+            declined = _envelope("declined", request_id, dept) | {"reason": "Not something we handle, sorry."}
+            await self._publish(js, dept, declined)  # routing re-routes it, or returns it to the requester
+            return
+        for round_ in range(2):
+            eta = await self._work(js, dept, request_id)
+            if requester and round_ == 0 and self.random.random() < COMMENT_SHARE:
+                comment = _envelope("commented", request_id, requester) | {"comment": "Any news? We need it soon."}
+                await self._publish(js, requester, comment)
+            await self._pause(2, 8)
+            outcome = self.random.choice(("done", "done", "done", "wont_fix"))
+            resolved = _envelope("resolved", request_id, dept) | {
+                "resolution": f"Done, see the ticket notes (ETA was {eta:%a %H:%M}).",
+                "outcome": outcome,
+            }
+            await self._publish(js, dept, resolved)
+            if requester is None:
+                return
+            await self._pause(1, 4)
+            if round_ == 0 and self.random.random() < REOPEN_SHARE:
+                reopened = _envelope("reopened", request_id, requester) | {"reason": "Still not working, sorry."}
+                await self._publish(js, requester, reopened)
+                await self._pause(1, 3)
+                continue  # the same department accepts it again
+            rating = self.random.choice((5, 5, 4, 4, 4, 3, 2))
+            feedback = _envelope("feedback", request_id, requester) | {
+                "rating": rating,
+                "comment": "Thanks!" if rating >= 4 else "Took longer than promised.",
+            }
+            await self._publish(js, requester, feedback)
+            return
+
+    async def _work(self, js: Any, dept: str, request_id: str) -> datetime:
+        """Accept with an ETA, then maybe delay it once or twice; returns the last ETA."""
         eta = datetime.now(UTC) + timedelta(hours=self.random.choice((4, 8, 24, 48)))
         accepted = _envelope("accepted", request_id, dept) | {
             "assignee": PEOPLE.get(dept, "Alex"),
@@ -183,10 +225,4 @@ class Demo:
             if blocking and blocking != dept:
                 delayed["blocking_department"] = blocking
             await self._publish(js, dept, delayed)
-        await self._pause(2, 8)
-        outcome = self.random.choice(("done", "done", "done", "wont_fix"))
-        await self._publish(
-            js,
-            dept,
-            _envelope("resolved", request_id, dept) | {"resolution": "Done, see the ticket notes.", "outcome": outcome},
-        )
+        return eta
