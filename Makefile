@@ -56,5 +56,9 @@ schemas: setup
 openapi: setup
 	$(BIN)/python -m services.intake.openapi
 
+# Throughput and latency next to the raw NATS limit (about a minute plus start-up): bench-results/<time>.json
+bench: setup
+	$(BIN)/baton bench $(BENCH_ARGS)
+
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -12,6 +12,7 @@ import typer
 
 from libs.contracts.catalog_file import CatalogError, load_catalog
 
+from .cmd_bench import bench
 from .cmd_metrics import metrics_app
 from .cmd_notify import register as register_notify_commands
 from .cmd_route import route
@@ -23,6 +24,7 @@ app.add_typer(tokens_app, name="token")
 app.add_typer(metrics_app, name="metrics")  # rebuild, export
 app.command("rejected")(rejected)
 app.command("route")(route)  # where a sample request would go, and why (--explain)
+app.command("bench")(bench)  # throughput and latency next to the raw NATS limit
 register_notify_commands(app)  # tail, webhooks, digest
 
 DEFAULT_URL = f"nats://127.0.0.1:{DEFAULT_NATS_PORT}"
