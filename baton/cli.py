@@ -62,7 +62,8 @@ def up(
 async def _up(config: StackConfig, demo: bool, demo_interval: float) -> int:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    # SIGHUP too: closing the terminal must stop Baton cleanly, not orphan its services.
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         loop.add_signal_handler(sig, stop.set)
     stack = Stack(config)
     try:

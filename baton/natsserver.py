@@ -9,6 +9,8 @@ Everything the server writes to stdout/stderr goes to ``store_dir/nats-server.lo
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import ctypes.util
 import json
 import os
 import shutil
@@ -31,6 +33,9 @@ T = TypeVar("T")
 BINARY_NAME = "nats-server"
 CONFIG_NAME = "nats-server.conf"
 LOG_NAME = "nats-server.log"
+
+
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 class NatsServerError(RuntimeError):
@@ -69,6 +74,17 @@ def _run_blocking(factory: Callable[[], Coroutine[Any, Any, T]]) -> T:
         return pool.submit(lambda: asyncio.run(factory())).result()
 
 
+def die_with_parent() -> None:
+    """``preexec_fn``: on Linux, ask the kernel to SIGTERM this child when its parent dies, even by
+    SIGKILL, so a killed supervisor never leaves servers holding Baton's ports.
+
+    The kernel ties this to the *thread* that spawned the child: spawn from a long-lived thread.
+    """
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
 def _terminate(proc: subprocess.Popen[bytes]) -> None:
     """Last-resort cleanup (garbage collection or interpreter exit): never leave a server behind."""
     if proc.poll() is None:
@@ -95,6 +111,7 @@ class NatsServer:
         server_name: str | None = None,
         binary: Path | None = None,
         ready_timeout: float = 10.0,
+        die_with_parent: bool = False,
     ) -> None:
         self.store_dir = Path(store_dir)
         self.host = host
@@ -106,6 +123,9 @@ class NatsServer:
         self.server_name = server_name
         self.binary = binary or find_nats_server_binary()
         self.ready_timeout = ready_timeout
+        #: Linux: SIGTERM the server if the thread that started it dies (see ``die_with_parent``).
+        #: Only for callers that start it from a long-lived thread, like ``baton up``'s event loop.
+        self.die_with_parent = die_with_parent
         self._proc: subprocess.Popen[bytes] | None = None
         self._finalizer: weakref.finalize[Any, Any] | None = None
 
@@ -179,6 +199,7 @@ class NatsServer:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,  # a Ctrl-C in the terminal must not kill it before we stop it
+                preexec_fn=die_with_parent if self.die_with_parent else None,
             )
         self._finalizer = weakref.finalize(self, _terminate, self._proc)
 

@@ -22,7 +22,7 @@ from libs.contracts import Catalog
 from libs.contracts.catalog_file import load_catalog
 
 from .cmd_tokens import ensure_stack_tokens
-from .natsserver import NatsServer, free_port
+from .natsserver import NatsServer, die_with_parent, free_port
 from .provision import provision
 
 log = logging.getLogger("baton.up")
@@ -93,6 +93,7 @@ class Stack:
                 port=self.config.nats_port,
                 monitor_port=self.config.monitor_port,
                 server_name="baton-embedded",
+                die_with_parent=True,
             )
             await self.nats.start_async()
             self.nats_url = self.nats.url
@@ -135,6 +136,8 @@ class Stack:
                 stdin=asyncio.subprocess.DEVNULL,
                 # Own session: Ctrl-C reaches only the supervisor, which stops services in order.
                 start_new_session=True,
+                # ... and if the supervisor itself dies (SIGKILL, a crash), the services go with it.
+                preexec_fn=die_with_parent,
             )
         finally:
             logfile.close()
