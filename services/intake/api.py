@@ -1,10 +1,11 @@
 """Intake's HTTP API, beside NATS, for systems that don't speak NATS.
 
 A submission over HTTP goes through exactly what an inbound NATS message goes through:
-``check_inbound`` on the raw body, with the subject ``baton.in.<dept>.<type>`` built from the
-*token's* department and a checked event type → ``decide`` → commit → the canonical event published
-on ``BATON_EVENTS`` (``Nats-Msg-Id`` = event_id). Idempotency is keyed on ``event_id`` in intake's
-database, so a retry, over either channel, has one effect.
+``decode_document`` and ``check_document`` (the two halves of ``check_inbound``) on the body, with
+the subject ``baton.in.<dept>.<type>`` built from the *token's* department and a checked event
+type → ``decide`` → commit → the canonical event published on ``BATON_EVENTS``
+(``Nats-Msg-Id`` = event_id). Idempotency is keyed on ``event_id`` in intake's database, so a
+retry, over either channel, has one effect.
 
 Every refusal is an RFC 9457 ``application/problem+json`` response carrying the same ``code``, message
 and field-level ``errors`` as the rejection notice over NATS, and is recorded in the rejections table
@@ -48,11 +49,11 @@ from libs.contracts.events import (
 )
 from libs.contracts.notifications import FieldError, RejectionCode
 from libs.contracts.problems import PROBLEM_MEDIA_TYPE, Problem, problem_type
-from libs.contracts.subjects import inbound_subject
+from libs.contracts.subjects import inbound_subject, parse_inbound_subject
 from libs.contracts.tokens import Principal, TokenRegistry
 
 from . import db
-from .domain import MAX_PAYLOAD_BYTES, Refusal, Rejected, check_inbound
+from .domain import MAX_PAYLOAD_BYTES, Refusal, Rejected, check_document, decode_document
 from .handlers import IntakeProcessor
 
 log = logging.getLogger("baton.intake.http")
@@ -332,17 +333,14 @@ async def _submit(
     assert principal.department is not None  # submitter() refused operator tokens
 
     data = await read_limited(request, MAX_PAYLOAD_BYTES)
-    try:
-        document = orjson.loads(data)
-    except orjson.JSONDecodeError as exc:
-        raise ApiError(400, RejectionCode.MALFORMED_JSON, f"payload is not valid JSON: {exc}") from exc
-    if not isinstance(document, dict):
-        raise ApiError(400, RejectionCode.MALFORMED_JSON, "payload must be a JSON object")
+    document = decode_document(data)
+    if isinstance(document, Refusal):
+        raise ApiError.refusal(document)
     submission.document = document
 
     # The same checks as over NATS, on the subject this department would have published to.
     subject = inbound_subject(principal.department, event_type_of(document, expected))
-    checked = check_inbound(subject, data)
+    checked = check_document(parse_inbound_subject(subject), document)
     if isinstance(checked, Rejected):
         raise ApiError.refusal(_as_http(checked.refusal))
     if path_request_id is not None and checked.event.request_id != path_request_id:
@@ -389,7 +387,7 @@ def event_type_of(document: dict[str, Any], expected: frozenset[str]) -> str:
             return known
     for known in EVENT_MODELS:
         if value == known and known not in INBOUND_TYPES:
-            return known  # a service's event type: check_inbound explains it is not the department's to publish
+            return known  # a service's event type: check_document explains it is not the department's to publish
     allowed = ", ".join(f"'{t}'" for t in sorted(expected))
     if value is None:
         err = FieldError(loc=["type"], code="missing", message="Field required")

@@ -119,16 +119,27 @@ def check_inbound(subject: str, data: bytes) -> Checked | Rejected:
     parsed = parse_inbound_subject(subject)
     if parsed.problems:
         return Rejected(Refusal(RejectionCode.BAD_SUBJECT, "; ".join(parsed.problems)), parsed, None)
+    document = decode_document(data)
+    if isinstance(document, Refusal):
+        return Rejected(document, parsed, None)
+    return check_document(parsed, document)
+
+
+def decode_document(data: bytes) -> dict[str, Any] | Refusal:
+    """The payload as a JSON object, or why it is not one (too large, not JSON, not an object)."""
     if len(data) > MAX_PAYLOAD_BYTES:
-        msg = f"payload is {len(data)} bytes; the limit is {MAX_PAYLOAD_BYTES}"
-        return Rejected(Refusal(RejectionCode.TOO_LARGE, msg), parsed, None)
+        return Refusal(RejectionCode.TOO_LARGE, f"payload is {len(data)} bytes; the limit is {MAX_PAYLOAD_BYTES}")
     try:
         document = orjson.loads(data)
     except orjson.JSONDecodeError as exc:
-        return Rejected(Refusal(RejectionCode.MALFORMED_JSON, f"payload is not valid JSON: {exc}"), parsed, None)
+        return Refusal(RejectionCode.MALFORMED_JSON, f"payload is not valid JSON: {exc}")
     if not isinstance(document, dict):
-        return Rejected(Refusal(RejectionCode.MALFORMED_JSON, "payload must be a JSON object"), parsed, None)
+        return Refusal(RejectionCode.MALFORMED_JSON, "payload must be a JSON object")
+    return document
 
+
+def check_document(parsed: ParsedInbound, document: dict[str, Any]) -> Checked | Rejected:
+    """The checks on a decoded JSON object published on the (already checked) subject ``parsed``."""
     stamped = sorted(k for k in Envelope.STAMPED_FIELDS if k in document)
     if stamped:
         errors = tuple(FieldError(loc=[k], code="stamped_field", message="set by intake; omit it") for k in stamped)
