@@ -57,6 +57,8 @@ from libs.contracts.subjects import (
     notify_filter,
 )
 
+from .demo import envelope
+
 #: Department events a bench lifecycle publishes (routing adds ``routed``): 5 inbound, 6 canonical.
 INBOUND_TYPES = ("created", "accepted", "delayed", "resolved", "feedback")
 CANONICAL_PER_LIFECYCLE = 6
@@ -205,14 +207,7 @@ def percentiles(samples_ms: list[float]) -> dict[str, float | int | None]:
 
 # --- publisher processes -------------------------------------------------------------------------------
 def _envelope(event_type: str, request_id: str, dept: str) -> dict[str, Any]:
-    return {
-        "type": event_type,
-        "event_id": f"evt-{uuid.uuid4().hex[:24]}",
-        "request_id": request_id,
-        "occurred_at": datetime.now(UTC).isoformat(),
-        "actor": {"department": dept, "person": "Bench"},
-        "schema_version": 1,
-    }
+    return envelope(event_type, request_id, dept, person="Bench")
 
 
 @dataclass

@@ -78,13 +78,14 @@ PEOPLE = {
 }
 
 
-def _envelope(event_type: str, request_id: str, dept: str) -> dict[str, Any]:
+def envelope(event_type: str, request_id: str, dept: str, person: str | None = None) -> dict[str, Any]:
+    """A fresh event envelope, as a line-of-business system builds it (shared with ``baton bench``)."""
     return {
         "type": event_type,
         "event_id": f"evt-{uuid.uuid4().hex[:20]}",
         "request_id": request_id,
         "occurred_at": datetime.now(UTC).isoformat(),
-        "actor": {"department": dept, "person": PEOPLE.get(dept, "Alex")},
+        "actor": {"department": dept, "person": person or PEOPLE.get(dept, "Alex")},
         "schema_version": 1,
     }
 
@@ -135,7 +136,7 @@ class Demo:
 
     async def _create(self, js: Any, scenario: Scenario) -> None:
         request_id = f"REQ-{uuid.uuid4().hex[:8].upper()}"
-        event = _envelope("created", request_id, scenario.requester) | {
+        event = envelope("created", request_id, scenario.requester) | {
             "title": scenario.title,
             "description": f"Raised by {scenario.person} in {scenario.requester}.",
             "category": scenario.category,
@@ -174,17 +175,17 @@ class Demo:
         (a comment now and then, sometimes a reopening, then feedback). Some requests are declined."""
         await self._pause(1, 4)
         if self.random.random() < DECLINE_SHARE:
-            declined = _envelope("declined", request_id, dept) | {"reason": "Not something we handle, sorry."}
+            declined = envelope("declined", request_id, dept) | {"reason": "Not something we handle, sorry."}
             await self._publish(js, dept, declined)  # routing re-routes it, or returns it to the requester
             return
         for round_ in range(2):
             eta = await self._work(js, dept, request_id)
             if requester and round_ == 0 and self.random.random() < COMMENT_SHARE:
-                comment = _envelope("commented", request_id, requester) | {"comment": "Any news? We need it soon."}
+                comment = envelope("commented", request_id, requester) | {"comment": "Any news? We need it soon."}
                 await self._publish(js, requester, comment)
             await self._pause(2, 8)
             outcome = self.random.choice(("done", "done", "done", "wont_fix"))
-            resolved = _envelope("resolved", request_id, dept) | {
+            resolved = envelope("resolved", request_id, dept) | {
                 "resolution": f"Done, see the ticket notes (ETA was {eta:%a %H:%M}).",
                 "outcome": outcome,
             }
@@ -193,12 +194,12 @@ class Demo:
                 return
             await self._pause(1, 4)
             if round_ == 0 and self.random.random() < REOPEN_SHARE:
-                reopened = _envelope("reopened", request_id, requester) | {"reason": "Still not working, sorry."}
+                reopened = envelope("reopened", request_id, requester) | {"reason": "Still not working, sorry."}
                 await self._publish(js, requester, reopened)
                 await self._pause(1, 3)
                 continue  # the same department accepts it again
             rating = self.random.choice((5, 5, 4, 4, 4, 3, 2))
-            feedback = _envelope("feedback", request_id, requester) | {
+            feedback = envelope("feedback", request_id, requester) | {
                 "rating": rating,
                 "comment": "Thanks!" if rating >= 4 else "Took longer than promised.",
             }
@@ -208,7 +209,7 @@ class Demo:
     async def _work(self, js: Any, dept: str, request_id: str) -> datetime:
         """Accept with an ETA, then maybe delay it once or twice; returns the last ETA."""
         eta = datetime.now(UTC) + timedelta(hours=self.random.choice((4, 8, 24, 48)))
-        accepted = _envelope("accepted", request_id, dept) | {
+        accepted = envelope("accepted", request_id, dept) | {
             "assignee": PEOPLE.get(dept, "Alex"),
             "eta": eta.isoformat(),
         }
@@ -217,7 +218,7 @@ class Demo:
             await self._pause(2, 6)
             eta += timedelta(hours=self.random.choice((4, 24, 48)))
             reason, code, blocking = self.random.choice(DELAY_REASONS)
-            delayed = _envelope("delayed", request_id, dept) | {
+            delayed = envelope("delayed", request_id, dept) | {
                 "reason": reason,
                 "new_eta": eta.isoformat(),
                 "reason_code": code,
