@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import asyncio
-import uuid
 from collections.abc import AsyncIterator, Callable
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -14,47 +12,18 @@ import nats
 import orjson
 import pytest
 from nats.aio.client import Client as NATS
-from nats.js.api import ConsumerConfig, DeliverPolicy
 
 from baton.cmd_tokens import issue_token, revoke_token
 from libs.contracts.subjects import STREAM_EVENTS, STREAM_NOTIFY, inbound_subject, service_subject
 from services.intake.app import create_app
 from services.intake.domain import MAX_PAYLOAD_BYTES
 from services.intake.settings import IntakeSettings
+from tests.intake_events import T0, created, env, intake_settled, new_rid, publish, read_stream, routed
 
 pytestmark = pytest.mark.integration
 
-T0 = datetime.now(UTC).replace(microsecond=0)
 DEPARTMENTS = ("marketing", "it", "legal", "finance", "facilities")
 PROBLEM_FIELDS = {"type", "title", "status", "detail", "instance", "code", "errors"}
-
-
-def new_rid() -> str:
-    return f"REQ-{uuid.uuid4().hex[:10].upper()}"
-
-
-def env(event_type: str, rid: str, dept: str, minutes: int = 0) -> dict[str, Any]:
-    return {
-        "type": event_type,
-        "event_id": f"evt-{uuid.uuid4().hex[:16]}",
-        "request_id": rid,
-        "occurred_at": (T0 + timedelta(minutes=minutes)).isoformat(),
-        "actor": {"department": dept, "person": "someone"},
-    }
-
-
-def created(rid: str, dept: str = "marketing", **over: Any) -> dict[str, Any]:
-    body = env("created", rid, dept) | {
-        "title": "Laptop for new hire",
-        "category": "laptop",
-        "priority": "high",
-        "requester": {"department": dept, "person": "Ana"},
-    }
-    return body | over
-
-
-def routed(rid: str, to: str = "it") -> dict[str, Any]:
-    return env("routed", rid, "baton", 1) | {"provider_department": to, "rule": "category:laptop", "caused_by": "x" * 8}
 
 
 def accepted(rid: str, dept: str = "it", days: int = 1) -> dict[str, Any]:
@@ -106,30 +75,6 @@ async def nc(provisioned_nats: str) -> AsyncIterator[NATS]:
     conn = await nats.connect(provisioned_nats)
     yield conn
     await conn.close()
-
-
-async def publish(nc: NATS, subject: str, body: dict[str, Any]) -> None:
-    await nc.jetstream().publish(subject, orjson.dumps(body), headers={"Nats-Msg-Id": body["event_id"]})
-
-
-async def read_stream(nc: NATS, stream: str, subject: str, expect: int, within: float = 10.0) -> list[Any]:
-    """Every message on ``subject`` in ``stream``, waiting until at least ``expect`` are there."""
-    js = nc.jetstream()
-    deadline = asyncio.get_running_loop().time() + within
-    while True:
-        sub = await js.pull_subscribe(subject, stream=stream, config=ConsumerConfig(deliver_policy=DeliverPolicy.ALL))
-        got: list[Any] = []
-        try:
-            while True:
-                try:
-                    got.extend(await sub.fetch(100, timeout=0.3))
-                except TimeoutError:
-                    break
-        finally:
-            await sub.unsubscribe()
-        if len(got) >= expect or asyncio.get_running_loop().time() > deadline:
-            return [orjson.loads(m.data) for m in got]
-        await asyncio.sleep(0.1)
 
 
 def assert_problem(response: httpx.Response, status: int, code: str) -> dict[str, Any]:
@@ -235,7 +180,7 @@ async def test_nats_and_http_submissions_of_one_event_id_are_idempotent_with_eac
     conflict = await http.post(f"/v1/requests/{rid}/events", json=conflicting, headers=tokens.auth("it"))
     assert assert_problem(conflict, 409, "id_conflict")["errors"][0]["loc"] == ["event_id"]
 
-    await asyncio.sleep(0.5)  # the NATS copy has been processed by now (it would have landed as sequence 4)
+    await intake_settled(nc)  # the NATS copy has been processed (it would have landed as sequence 4)
     log = await read_stream(nc, STREAM_EVENTS, f"baton.events.{rid}.*", 3)
     assert [(e["type"], e["sequence"]) for e in log] == [("created", 1), ("routed", 2), ("accepted", 3)]
     notices = await read_stream(nc, STREAM_NOTIFY, "baton.notify.it.rejected", 0, within=0.3)

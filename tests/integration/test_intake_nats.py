@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import uuid
 from collections.abc import AsyncIterator, Callable
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -15,47 +14,14 @@ import nats
 import orjson
 import pytest
 from nats.aio.client import Client as NATS
-from nats.js.api import ConsumerConfig, DeliverPolicy
 
 from baton.cmd_tokens import issue_token
 from libs.contracts.subjects import STREAM_DLQ, STREAM_EVENTS, STREAM_NOTIFY, inbound_subject, service_subject
 from services.intake.app import create_app
 from services.intake.settings import IntakeSettings
+from tests.intake_events import T0, created, env, intake_settled, new_rid, publish, read_stream, routed
 
 pytestmark = pytest.mark.integration
-
-T0 = datetime.now(UTC).replace(microsecond=0)
-
-
-def new_rid() -> str:
-    return f"REQ-{uuid.uuid4().hex[:10].upper()}"
-
-
-def env(event_type: str, rid: str, dept: str, minutes: int = 0, event_id: str | None = None) -> dict[str, Any]:
-    return {
-        "type": event_type,
-        "event_id": event_id or f"evt-{uuid.uuid4().hex[:16]}",
-        "request_id": rid,
-        "occurred_at": (T0 + timedelta(minutes=minutes)).isoformat(),
-        "actor": {"department": dept, "person": "someone"},
-    }
-
-
-def created(rid: str, dept: str = "marketing", **over: Any) -> dict[str, Any]:
-    return (
-        env("created", rid, dept)
-        | {
-            "title": "Laptop for new hire",
-            "category": "laptop",
-            "priority": "high",
-            "requester": {"department": dept, "person": "Ana"},
-        }
-        | over
-    )
-
-
-def routed(rid: str, to: str = "it") -> dict[str, Any]:
-    return env("routed", rid, "baton", 1) | {"provider_department": to, "rule": "category:laptop", "caused_by": "x" * 8}
 
 
 @pytest.fixture
@@ -84,34 +50,6 @@ async def nc(provisioned_nats: str) -> AsyncIterator[NATS]:
     conn = await nats.connect(provisioned_nats)
     yield conn
     await conn.close()
-
-
-async def publish(nc: NATS, subject: str, body: dict[str, Any] | bytes, msg_id: str | None = None) -> None:
-    data = body if isinstance(body, bytes) else orjson.dumps(body)
-    if msg_id is None and isinstance(body, dict):
-        msg_id = body.get("event_id")
-    await nc.jetstream().publish(subject, data, headers={"Nats-Msg-Id": msg_id} if msg_id else None)
-
-
-async def read_stream(nc: NATS, stream: str, subject: str, expect: int, within: float = 10.0) -> list[Any]:
-    """Every message on ``subject`` in ``stream``, waiting until at least ``expect`` are there."""
-    js = nc.jetstream()
-    deadline = asyncio.get_running_loop().time() + within
-    while True:
-        sub = await js.pull_subscribe(subject, stream=stream, config=ConsumerConfig(deliver_policy=DeliverPolicy.ALL))
-        got: list[Any] = []
-        try:
-            while True:
-                try:
-                    msgs = await sub.fetch(100, timeout=0.3)
-                except TimeoutError:
-                    break
-                got.extend(msgs)
-        finally:
-            await sub.unsubscribe()
-        if len(got) >= expect or asyncio.get_running_loop().time() > deadline:
-            return [orjson.loads(m.data) for m in got]
-        await asyncio.sleep(0.1)
 
 
 async def test_lifecycle_lands_in_the_canonical_log_with_sequences(intake: Any, nc: NATS, operator_token: str) -> None:
@@ -220,7 +158,7 @@ async def test_crash_between_commit_and_publish_is_repaired_by_redelivery(intake
     await publish(nc, inbound_subject("marketing", "created"), created(rid))
     log = await read_stream(nc, STREAM_EVENTS, f"baton.events.{rid}.*", 1)
     assert failed == [f"baton.events.{rid}.created"]
-    await asyncio.sleep(0.5)  # any second copy would have arrived by now
+    await intake_settled(nc)  # the redelivery is handled: any second copy would be in the log now
     log = await read_stream(nc, STREAM_EVENTS, f"baton.events.{rid}.*", 1)
     assert len(log) == 1
     assert log[0]["sequence"] == 1
