@@ -41,6 +41,8 @@ class RequestRow(Base):
     delay_count: Mapped[int] = mapped_column(Integer, default=0)
     title: Mapped[str] = mapped_column(String(200))
     trace_id: Mapped[str | None] = mapped_column(String(32))
+    #: W3C traceparent of the span that created the request: later events' spans are its children.
+    trace_parent: Mapped[str | None] = mapped_column(String(55))
     declined_by: Mapped[list[str]] = mapped_column(JSON, default=list)
     reopen_count: Mapped[int] = mapped_column(Integer, default=0)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
