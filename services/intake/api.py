@@ -28,12 +28,13 @@ from fastapi import APIRouter, Depends, FastAPI, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from opentelemetry import propagate, trace
+from opentelemetry import trace
 from pydantic import BaseModel, Field, TypeAdapter
 from sqlalchemy.exc import InterfaceError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
+from libs import telemetry
 from libs.contracts import EVENT_ADAPTER, EVENT_MODELS, INBOUND_TYPES, SYSTEM_DEPARTMENT
 from libs.contracts.envelope import ID_PATTERN, SLUG_PATTERN, Envelope
 from libs.contracts.events import (
@@ -54,7 +55,7 @@ from libs.contracts.tokens import Principal, TokenRegistry
 
 from . import db
 from .domain import MAX_PAYLOAD_BYTES, Refusal, Rejected, check_document, decode_document
-from .handlers import IntakeProcessor
+from .handlers import IntakeProcessor, request_span_parent
 
 log = logging.getLogger("baton.intake.http")
 
@@ -349,11 +350,21 @@ async def _submit(
         )
         raise ApiError(422, RejectionCode.VALIDATION_FAILED, f"invalid event: request_id: {err.message}", [err])
 
+    # One trace per request: the span is in the request's trace (a new one for ``created``), linked to
+    # the caller's trace context when it sent one (see docs/tracing.md).
+    parent, links = await request_span_parent(processor, data, telemetry.extract(request.headers))
     with tracer.start_as_current_span(
         route,
-        context=propagate.extract(dict(request.headers)),
+        context=parent,
         kind=trace.SpanKind.SERVER,
-        attributes={"baton.department": principal.department, "baton.event_type": checked.event.type},
+        links=links,
+        attributes={
+            "http.request.method": "POST",
+            "http.route": route.split(" ", 1)[1],
+            telemetry.REQUEST_ID: checked.event.request_id,
+            telemetry.DEPARTMENT: principal.department,
+            telemetry.EVENT_TYPE: checked.event.type,
+        },
     ):
         result = await processor.submit(checked, outbox=True)
     if isinstance(result, Refusal):

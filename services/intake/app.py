@@ -5,25 +5,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import nats
 from fastapi import FastAPI
 from faststream.nats import NatsBroker
-from faststream.nats.opentelemetry import NatsTelemetryMiddleware
 from faststream.nats.prometheus import NatsPrometheusMiddleware
 from nats.js.errors import NotFoundError
-from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
-from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from prometheus_client import CollectorRegistry, make_asgi_app
 from starlette.responses import JSONResponse
 
 from libs.contracts.subjects import CONSUMER_INTAKE, STREAM_IN
 from libs.contracts.tokens import TokenRegistry
+from libs.telemetry import make_tracer_provider, send_span
 
 from . import api, db
 from .handlers import IntakeProcessor, build_router
@@ -31,14 +27,6 @@ from .settings import IntakeSettings
 
 SERVICE_NAME = "baton-intake"
 log = logging.getLogger("baton.intake")
-
-
-def make_tracer_provider(service_name: str) -> TracerProvider:
-    """OpenTelemetry from the standard OTEL_* variables: OTLP export only when an endpoint is set."""
-    provider = TracerProvider(resource=Resource.create({"service.name": service_name}))
-    if os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"):
-        provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
-    return provider
 
 
 async def require_consumer(servers: list[str], stream: str, durable: str) -> None:
@@ -54,6 +42,7 @@ async def require_consumer(servers: list[str], stream: str, durable: str) -> Non
 
 def create_app(settings: IntakeSettings, *, tracer_provider: TracerProvider | None = None) -> FastAPI:
     tracer_provider = tracer_provider or make_tracer_provider(SERVICE_NAME)
+    tracer = tracer_provider.get_tracer("baton.intake")
     registry = CollectorRegistry()
     servers = [s.strip() for s in settings.nats_url.split(",") if s.strip()]
 
@@ -65,17 +54,16 @@ def create_app(settings: IntakeSettings, *, tracer_provider: TracerProvider | No
         graceful_timeout=settings.graceful_timeout,
         log_level=logging.DEBUG,
         middlewares=[
-            NatsTelemetryMiddleware(tracer_provider=tracer_provider),
             NatsPrometheusMiddleware(registry=registry, app_name=SERVICE_NAME),
         ],
     )
     database = db.Database(settings.database_url)
 
     async def publish(subject: str, body: bytes, *, msg_id: str, stream: str) -> None:
-        await broker.publish(body, subject, headers={"Nats-Msg-Id": msg_id}, stream=stream, timeout=10)
+        with send_span(tracer, subject, body, {"Nats-Msg-Id": msg_id}) as headers:
+            await broker.publish(body, subject, headers=headers, stream=stream, timeout=10)
 
     processor = IntakeProcessor(database, publish)
-    tracer = tracer_provider.get_tracer("baton.intake")
     tokens = TokenRegistry(settings.tokens_path)
     if settings.tokens_path is None:
         log.warning("no token file (BATON_INTAKE_TOKENS_PATH): the HTTP API refuses every call")

@@ -197,8 +197,17 @@ async def load_request(session: AsyncSession, request_id: str, *, for_update: bo
     return (await session.execute(stmt)).scalar_one_or_none()
 
 
-async def save_state(session: AsyncSession, row: RequestRow | None, new: RequestState, created_at: datetime) -> None:
-    """Insert or update the request row, guarded by the sequence it was read at (optimistic concurrency)."""
+async def save_state(
+    session: AsyncSession,
+    row: RequestRow | None,
+    new: RequestState,
+    created_at: datetime,
+    *,
+    trace_parent: str | None = None,
+) -> None:
+    """Insert or update the request row, guarded by the sequence it was read at (optimistic concurrency).
+
+    ``trace_parent`` (W3C traceparent of the span that created the request) is only written on insert."""
     if row is None:
         session.add(
             RequestRow(
@@ -211,6 +220,7 @@ async def save_state(session: AsyncSession, row: RequestRow | None, new: Request
                 delay_count=new.delay_count,
                 title=new.title,
                 trace_id=new.trace_id,
+                trace_parent=trace_parent,
                 declined_by=list(new.declined_by),
                 reopen_count=new.reopen_count,
                 created_at=created_at,
@@ -235,6 +245,13 @@ async def save_state(session: AsyncSession, row: RequestRow | None, new: Request
     )
     if getattr(result, "rowcount", 1) != 1:
         raise ConcurrentUpdate(new.request_id)
+
+
+async def trace_anchor(session: AsyncSession, request_id: str) -> tuple[str | None, str | None]:
+    """``(trace_parent, trace_id)`` of a request; ``(None, None)`` when it is unknown."""
+    stmt = select(RequestRow.trace_parent, RequestRow.trace_id).where(RequestRow.request_id == request_id)
+    found = (await session.execute(stmt)).first()
+    return (found[0], found[1]) if found is not None else (None, None)
 
 
 async def clear_pending(session: AsyncSession, event_id: str) -> None:

@@ -27,11 +27,13 @@ import nats.errors
 from faststream.middlewares import AckPolicy
 from faststream.nats import JStream, NatsMessage, NatsRouter, PullSub
 from nats.aio.msg import Msg
-from opentelemetry import propagate, trace
+from opentelemetry import trace
+from opentelemetry.context import Context
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from libs import telemetry
 from libs.contracts import DeadLetter, LifecycleEvent, Rejection, dumps
 from libs.contracts.envelope import ID_RE
 from libs.contracts.notifications import FieldError, RejectionCode
@@ -186,13 +188,22 @@ class IntakeProcessor:
             event_subject(request_id, event_type), canonical.encode(), msg_id=event_id, stream=STREAM_EVENTS
         )
 
+    async def trace_anchor(self, request_id: str) -> str | None:
+        """The W3C traceparent of the request's first span (its trace's root), if the request is known."""
+        async with self.db.transaction() as session:
+            trace_parent, trace_id = await db.trace_anchor(session, request_id)
+        return trace_parent or telemetry.legacy_anchor(trace_id)
+
     async def publish_pending(self, older_than: float) -> int:
         """Publish the canonical events an HTTP submission committed but never saw confirmed (the outbox)."""
         cutoff = self.clock() - timedelta(seconds=older_than)
         async with self.db.transaction() as session:
             rows = await db.pending_events(session, cutoff)
         for row in rows:
-            await self._publish_canonical(row.event_id, row.request_id, row.type, row.canonical)
+            # No span of the submission is alive any more: the re-publication continues the request's trace.
+            anchor = telemetry.context_of(await self.trace_anchor(row.request_id))
+            with telemetry.within(anchor):
+                await self._publish_canonical(row.event_id, row.request_id, row.type, row.canonical)
             async with self.db.transaction() as session:
                 await db.clear_pending(session, row.event_id)
         if rows:
@@ -238,10 +249,13 @@ class IntakeProcessor:
         if isinstance(result, Refusal):
             return None, result
         now = self.clock()
+        # A new request's trace is the one of the span handling its ``created`` (see request_span): its
+        # traceparent is stored, so that every later event's spans join that trace.
         trace_id = result.trace_id if current is not None else _current_trace_id()
         new_state: RequestState = result if current is not None else _with_trace(result, trace_id)
         canonical = stamp(event, new_state.last_sequence, now, new_state.trace_id)
-        await db.save_state(session, row, new_state, now)
+        trace_parent = telemetry.current_traceparent() if current is None else None
+        await db.save_state(session, row, new_state, now, trace_parent=trace_parent)
         event_row = db.EventRow(
             event_id=event.event_id,
             request_id=event.request_id,
@@ -415,15 +429,15 @@ async def _process_in_place(
     """
     for attempt in range(1, IN_PLACE_ATTEMPTS + 1):
         try:
-            with tracer.start_as_current_span(
-                f"{STREAM_IN} process",
-                context=propagate.extract(inbound.headers),
-                kind=trace.SpanKind.CONSUMER,
-                attributes={
-                    "messaging.system": "nats",
-                    "messaging.operation.type": "process",
-                    "messaging.destination.name": raw.subject[:256],
-                },
+            parent, links = await request_span_parent(processor, inbound.data, telemetry.extract(inbound.headers))
+            with telemetry.process_span(
+                tracer,
+                stream=STREAM_IN,
+                subject=raw.subject,
+                data=inbound.data,
+                parent=parent,
+                consumer=CONSUMER_INTAKE,
+                links=links,
             ):
                 await processor.process(inbound)
         except TRANSIENT_ERRORS as exc:
@@ -439,6 +453,20 @@ async def _process_in_place(
         await raw.ack()
         return True
     return False
+
+
+async def request_span_parent(
+    processor: IntakeProcessor, data: bytes, inbound: Context
+) -> tuple[Context, list[trace.Link]]:
+    """Where intake's span of a submission hangs: one trace per request (``telemetry.request_parent``).
+
+    A department's event (published days later, with no or its own trace context) becomes a child of
+    the request's first span, linked to its publisher; a Baton service's event (routing's, carrying
+    the request's trace) a child of the span that published it; a ``created`` starts the request's trace.
+    """
+    request_id = telemetry.event_attributes("", data).get(telemetry.REQUEST_ID)
+    anchor = await processor.trace_anchor(str(request_id)) if request_id else None
+    return telemetry.request_parent(anchor, inbound)
 
 
 def backoff_delay(base: float, num_delivered: int, cap: float = MAX_RETRY_DELAY) -> float:

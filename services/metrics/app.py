@@ -8,7 +8,6 @@ for every signed-in department, request-level views only for the parties to the 
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
@@ -21,13 +20,9 @@ import nats
 from fastapi import Depends, FastAPI, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
 from faststream.nats import NatsBroker
-from faststream.nats.opentelemetry import NatsTelemetryMiddleware
 from faststream.nats.prometheus import NatsPrometheusMiddleware
 from nats.js.errors import NotFoundError
-from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
-from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_asgi_app
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import (
@@ -43,6 +38,7 @@ from libs.contracts.catalog import Catalog
 from libs.contracts.catalog_file import CatalogError, load_catalog
 from libs.contracts.envelope import ID_PATTERN, SLUG_PATTERN
 from libs.contracts.subjects import CONSUMER_METRICS, STREAM_EVENTS
+from libs.telemetry import make_tracer_provider, send_span
 
 from . import db, pages
 from .access import COOKIE, Access, Viewer, safe_next
@@ -63,14 +59,6 @@ log = logging.getLogger("baton.metrics")
 ACCEPT_BUCKETS = (300, 900, 1800, 3600, 7200, 14400, 28800, 86400, 172800, 432000, 864000)
 RESOLVE_BUCKETS = (3600, 14400, 28800, 86400, 172800, 259200, 432000, 864000, 1728000)
 WINDOWS = ("7d", "30d", "90d")
-
-
-def make_tracer_provider(service_name: str) -> TracerProvider:
-    """OpenTelemetry from the standard OTEL_* variables: OTLP export only when an endpoint is set."""
-    provider = TracerProvider(resource=Resource.create({"service.name": service_name}))
-    if os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"):
-        provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
-    return provider
 
 
 async def require_consumer(servers: list[str], stream: str, durable: str) -> None:
@@ -192,6 +180,7 @@ def create_app(
     clock: Callable[[], datetime] = lambda: datetime.now(UTC),
 ) -> FastAPI:
     tracer_provider = tracer_provider or make_tracer_provider(SERVICE_NAME)
+    tracer = tracer_provider.get_tracer("baton.metrics")
     registry = CollectorRegistry()
     servers = [s.strip() for s in settings.nats_url.split(",") if s.strip()]
 
@@ -203,7 +192,6 @@ def create_app(
         graceful_timeout=settings.graceful_timeout,
         log_level=logging.DEBUG,
         middlewares=[
-            NatsTelemetryMiddleware(tracer_provider=tracer_provider),
             NatsPrometheusMiddleware(registry=registry, app_name=SERVICE_NAME),
         ],
     )
@@ -233,7 +221,8 @@ def create_app(
             projected.labels(event_type).inc()
 
     async def publish(subject: str, body: bytes, *, msg_id: str, stream: str) -> None:
-        await broker.publish(body, subject, headers={"Nats-Msg-Id": msg_id}, stream=stream, timeout=10)
+        with send_span(tracer, subject, body, {"Nats-Msg-Id": msg_id}) as headers:
+            await broker.publish(body, subject, headers=headers, stream=stream, timeout=10)
 
     live_feed = LiveFeed()
 
@@ -248,6 +237,7 @@ def create_app(
             batch_size=settings.fetch_batch,
             fetch_timeout=settings.fetch_timeout,
             retry_delay=settings.retry_delay,
+            tracer=tracer,
         )
     )
 

@@ -26,8 +26,9 @@ from typing import Protocol, cast
 from faststream.middlewares import AckPolicy
 from faststream.nats import JStream, NatsMessage, NatsRouter, PullSub
 from nats.aio.msg import Msg
-from opentelemetry import propagate, trace
+from opentelemetry import trace
 
+from libs import telemetry
 from libs.contracts import EVENT_MODELS, DeadLetter, dumps
 from libs.contracts.envelope import ID_RE
 from libs.contracts.notifications import FieldError
@@ -45,7 +46,7 @@ from .domain import Poison, check_canonical, parties
 from .facts import RequestFacts
 
 log = logging.getLogger("baton.metrics")
-tracer = trace.get_tracer("baton.metrics")
+default_tracer = trace.get_tracer("baton.metrics")
 
 SERVICE = "metrics"
 MAX_RETRY_DELAY = 30.0
@@ -167,7 +168,12 @@ def _subject_type(subject: str) -> str:
 
 
 def build_router(
-    processor: MetricsProcessor, *, batch_size: int, fetch_timeout: float, retry_delay: float
+    processor: MetricsProcessor,
+    *,
+    batch_size: int,
+    fetch_timeout: float,
+    retry_delay: float,
+    tracer: trace.Tracer | None = None,
 ) -> NatsRouter:
     """Metrics' only subscription: the durable ``metrics`` consumer on ``BATON_EVENTS`` (provisioned by Baton).
 
@@ -176,6 +182,7 @@ def build_router(
     """
     router = NatsRouter()
     spec = next(c for c in SERVICE_CONSUMERS if c.durable == CONSUMER_METRICS)
+    span_tracer = tracer or default_tracer
 
     @router.subscriber(
         f"{EVENTS_PREFIX}.>",
@@ -192,15 +199,14 @@ def build_router(
         for index, raw in enumerate(raws):
             inbound = to_inbound(raw)
             try:
-                with tracer.start_as_current_span(
-                    f"{STREAM_EVENTS} process",
-                    context=propagate.extract(inbound.headers),
-                    kind=trace.SpanKind.CONSUMER,
-                    attributes={
-                        "messaging.system": "nats",
-                        "messaging.operation.type": "process",
-                        "messaging.destination.name": raw.subject[:256],
-                    },
+                # A child of intake's span that appended the event (its traceparent is in the headers).
+                with telemetry.process_span(
+                    span_tracer,
+                    stream=STREAM_EVENTS,
+                    subject=raw.subject,
+                    data=inbound.data,
+                    parent=telemetry.extract(inbound.headers),
+                    consumer=CONSUMER_METRICS,
                 ):
                     await processor.process(inbound)
             except Exception as exc:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path as FilePath
@@ -13,13 +12,9 @@ from typing import Annotated, Any
 import nats
 from fastapi import FastAPI, HTTPException, Path
 from faststream.nats import NatsBroker
-from faststream.nats.opentelemetry import NatsTelemetryMiddleware
 from faststream.nats.prometheus import NatsPrometheusMiddleware
 from nats.js.errors import NotFoundError
-from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
-from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from prometheus_client import CollectorRegistry, make_asgi_app
 from starlette.responses import JSONResponse
 
@@ -28,6 +23,7 @@ from libs.contracts.catalog_file import load_catalog
 from libs.contracts.envelope import ID_PATTERN
 from libs.contracts.subjects import CONSUMER_NOTIFIER, STREAM_EVENTS
 from libs.contracts.tokens import TokenRegistry
+from libs.telemetry import make_tracer_provider, send_span
 
 from . import db
 from .api import FeedSource, build_api
@@ -39,14 +35,6 @@ from .workers import DigestWorker, WebhookWorker
 
 SERVICE_NAME = "baton-notifier"
 log = logging.getLogger("baton.notifier")
-
-
-def make_tracer_provider(service_name: str) -> TracerProvider:
-    """OpenTelemetry from the standard OTEL_* variables: OTLP export only when an endpoint is set."""
-    provider = TracerProvider(resource=Resource.create({"service.name": service_name}))
-    if os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"):
-        provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
-    return provider
 
 
 async def require_consumer(servers: list[str], stream: str, durable: str) -> None:
@@ -65,6 +53,7 @@ def create_app(
 ) -> FastAPI:
     """The notifier service; ``catalog`` overrides reading ``settings.catalog_path`` (tests)."""
     tracer_provider = tracer_provider or make_tracer_provider(SERVICE_NAME)
+    tracer = tracer_provider.get_tracer("baton.notifier")
     registry = CollectorRegistry()
     servers = [s.strip() for s in settings.nats_url.split(",") if s.strip()]
     directory = Directory(catalog if catalog is not None else load_catalog(settings.catalog_path))
@@ -77,16 +66,15 @@ def create_app(
         graceful_timeout=settings.graceful_timeout,
         log_level=logging.DEBUG,
         middlewares=[
-            NatsTelemetryMiddleware(tracer_provider=tracer_provider),
             NatsPrometheusMiddleware(registry=registry, app_name=SERVICE_NAME),
         ],
     )
     database = db.Database(settings.database_url)
 
     async def publish(subject: str, body: bytes, *, msg_id: str, stream: str) -> None:
-        await broker.publish(body, subject, headers={"Nats-Msg-Id": msg_id}, stream=stream, timeout=10)
+        with send_span(tracer, subject, body, {"Nats-Msg-Id": msg_id}) as headers:
+            await broker.publish(body, subject, headers=headers, stream=stream, timeout=10)
 
-    tracer = tracer_provider.get_tracer("baton.notifier")
     metrics = NotifierMetrics(registry)
     webhooks = WebhookWorker(
         database,

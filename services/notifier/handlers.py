@@ -34,11 +34,12 @@ from typing import Any, Protocol, cast
 from faststream.middlewares import AckPolicy
 from faststream.nats import JStream, NatsMessage, NatsRouter, PullSub
 from nats.aio.msg import Msg
-from opentelemetry import propagate, trace
+from opentelemetry import trace
 from prometheus_client import CollectorRegistry, Counter
 from pydantic import ValidationError
 from sqlalchemy.exc import IntegrityError
 
+from libs import telemetry
 from libs.contracts import DeadLetter, LifecycleEvent, dumps, error_list, parse_event
 from libs.contracts.notifications import FieldError
 from libs.contracts.subjects import (
@@ -345,10 +346,9 @@ class NotifierProcessor:
 
 
 def current_traceparent() -> str | None:
-    """The W3C ``traceparent`` of the current span (the consumer span of the event), if any."""
-    carrier: dict[str, str] = {}
-    propagate.inject(carrier)
-    return carrier.get("traceparent")
+    """The W3C ``traceparent`` of the current span (the consumer span of the event), if any: stored with
+    each webhook delivery, whose POST span (sent later by the worker) becomes its child."""
+    return telemetry.current_traceparent()
 
 
 def delivery_for(pref: db.PreferenceRow | None, kind: str) -> Delivery:
@@ -406,16 +406,14 @@ def build_router(
         for index, raw in enumerate(raws):
             inbound = to_inbound(raw)
             try:
-                with span_tracer.start_as_current_span(
-                    f"{STREAM_EVENTS} process",
-                    context=propagate.extract(inbound.headers),
-                    kind=trace.SpanKind.CONSUMER,
-                    attributes={
-                        "messaging.system": "nats",
-                        "messaging.operation.type": "process",
-                        "messaging.destination.name": raw.subject[:256],
-                        "messaging.consumer.group.name": CONSUMER_NOTIFIER,
-                    },
+                # A child of intake's span that appended the event (its traceparent is in the headers).
+                with telemetry.process_span(
+                    span_tracer,
+                    stream=STREAM_EVENTS,
+                    subject=raw.subject,
+                    data=inbound.data,
+                    parent=telemetry.extract(inbound.headers),
+                    consumer=CONSUMER_NOTIFIER,
                 ):
                     result = await processor.process(inbound)
             except Exception as exc:

@@ -29,8 +29,11 @@ from datetime import UTC, datetime, timedelta
 
 import httpx
 from opentelemetry import propagate, trace
+from opentelemetry.context import Context
+from opentelemetry.util.types import AttributeValue
 from sqlalchemy.exc import IntegrityError
 
+from libs import telemetry
 from libs.contracts import Notification
 from libs.contracts.subjects import STREAM_NOTIFY, notify_subject
 
@@ -58,6 +61,8 @@ class _Attempt:
     kind: str
     body: bytes
     traceparent: str | None
+    department: str
+    request_id: str | None
     attempts: int
     created_at: datetime
 
@@ -160,6 +165,8 @@ class WebhookWorker:
                                 row.type,
                                 row.body.encode(),
                                 row.traceparent,
+                                row.department,
+                                row.request_id,
                                 row.attempts,
                                 db.aware(row.created_at) or now,
                             )
@@ -201,17 +208,28 @@ class WebhookWorker:
             "Baton-Webhook-Id": hook.id,
             "Baton-Attempt": str(number),
         }
-        parent = propagate.extract({"traceparent": attempt.traceparent}) if attempt.traceparent else None
+        # The POST is a child of the notifier's span of the event that caused the notification (stored with
+        # the delivery), and carries its own traceparent: the receiver continues the request's trace.
+        # A digest (many requests) has no such parent: each of its deliveries starts a trace of its own.
+        parent = telemetry.context_of(attempt.traceparent) or Context()
+        url = httpx.URL(hook.url)
+        attributes: dict[str, AttributeValue] = {
+            "http.request.method": "POST",
+            "server.address": url.host,
+            "server.port": url.port or (443 if url.scheme == "https" else 80),
+            "baton.webhook.id": hook.id,
+            "baton.delivery.attempt": number,
+            telemetry.DEPARTMENT: attempt.department,
+            telemetry.EVENT_TYPE: attempt.kind,
+        }
+        if attempt.request_id:
+            attributes[telemetry.REQUEST_ID] = attempt.request_id
         status: int | None = None
         error: str | None = None
         with self.tracer.start_as_current_span(
-            "webhook deliver",
-            context=parent,
-            kind=trace.SpanKind.CLIENT,
-            attributes={"http.request.method": "POST", "baton.webhook.id": hook.id, "baton.delivery.attempt": number},
+            "POST", context=parent, kind=trace.SpanKind.CLIENT, attributes=attributes
         ) as span:
-            if attempt.traceparent:
-                propagate.inject(headers)
+            propagate.inject(headers)
             assert self._client is not None
             self.attempted += 1
             try:
@@ -220,8 +238,10 @@ class WebhookWorker:
                 span.set_attribute("http.response.status_code", status)
                 if not 200 <= status < 300:
                     error = f"HTTP {status}: {response.text[:200]}"
+                    span.set_attribute("error.type", str(status))
             except httpx.HTTPError as exc:
                 error = f"{type(exc).__name__}: {exc}"[:500] or type(exc).__name__
+                span.set_attribute("error.type", type(exc).__name__)
         now = self.clock()
         if error is None:
             await self._finish(attempt, number, now, error=None, status=status, dead=False)

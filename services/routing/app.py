@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
@@ -16,14 +15,10 @@ from typing import Annotated, Any
 import nats
 from fastapi import FastAPI, HTTPException, Path
 from faststream.nats import NatsBroker
-from faststream.nats.opentelemetry import NatsTelemetryMiddleware
 from faststream.nats.prometheus import NatsPrometheusMiddleware
 from nats.js.api import ConsumerConfig
 from nats.js.errors import NotFoundError
-from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
-from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from prometheus_client import CollectorRegistry, Counter, make_asgi_app
 from starlette.responses import JSONResponse
 
@@ -36,6 +31,7 @@ from libs.contracts.subjects import (
     STREAM_TIMERS,
     request_events_filter,
 )
+from libs.telemetry import make_tracer_provider, send_span
 
 from . import db
 from .business_time import BusinessCalendar
@@ -47,14 +43,6 @@ from .tracking import Clock, Policy
 
 SERVICE_NAME = "baton-routing"
 log = logging.getLogger("baton.routing")
-
-
-def make_tracer_provider(service_name: str) -> TracerProvider:
-    """OpenTelemetry from the standard OTEL_* variables: OTLP export only when an endpoint is set."""
-    provider = TracerProvider(resource=Resource.create({"service.name": service_name}))
-    if os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"):
-        provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
-    return provider
 
 
 async def require_consumer(servers: list[str], stream: str, durable: str) -> ConsumerConfig:
@@ -79,6 +67,7 @@ def create_app(
     then re-read whenever the file changes). A ``catalog`` given here is fixed."""
     watcher = CatalogWatcher(None if catalog is not None else FilePath(settings.catalog_path), catalog)
     tracer_provider = tracer_provider or make_tracer_provider(SERVICE_NAME)
+    tracer = tracer_provider.get_tracer("baton.routing")
     registry = CollectorRegistry()
     metrics = RoutingMetrics(registry)
     reloads = Counter(
@@ -97,17 +86,20 @@ def create_app(
         graceful_timeout=settings.graceful_timeout,
         log_level=logging.DEBUG,
         middlewares=[
-            NatsTelemetryMiddleware(tracer_provider=tracer_provider),
             NatsPrometheusMiddleware(registry=registry, app_name=SERVICE_NAME),
         ],
     )
     database = db.Database(settings.database_url)
 
     async def publish(subject: str, body: bytes, *, msg_id: str, stream: str) -> None:
-        await broker.publish(body, subject, headers={"Nats-Msg-Id": msg_id}, stream=stream, timeout=10)
+        with send_span(tracer, subject, body, {"Nats-Msg-Id": msg_id}) as headers:
+            await broker.publish(body, subject, headers=headers, stream=stream, timeout=10)
 
     async def schedule(subject: str, body: bytes, *, headers: dict[str, str]) -> None:
-        await broker.publish(body, subject, headers=headers, stream=STREAM_TIMERS, timeout=10)
+        # The server copies these headers (traceparent included) onto the due message: the timer's span,
+        # days later, is a child of the span that armed it.
+        with send_span(tracer, subject, body, headers) as traced:
+            await broker.publish(body, subject, headers=traced, stream=STREAM_TIMERS, timeout=10)
 
     async def pending(request_id: str, after_stream_seq: int) -> bool:
         """Is an event of this request already in the canonical log past what routing applied?"""
@@ -141,7 +133,7 @@ def create_app(
             fetch_timeout=settings.fetch_timeout,
             retry_delay=settings.retry_delay,
             metrics=metrics,
-            tracer=tracer_provider.get_tracer("baton.routing"),
+            tracer=tracer,
             limit=limit,
         )
     )

@@ -101,6 +101,9 @@ class RequestRow(Base):
     accepted_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     last_sequence: Mapped[int] = mapped_column(Integer, default=0)
     last_stream_seq: Mapped[int] = mapped_column(BigInteger, default=0)
+    #: W3C traceparent of routing's span of the request's ``created``: the parent of timer spans and
+    #: schedules that no live span caused (re-armed by the reconciler), so they stay in the request's trace.
+    trace_parent: Mapped[str | None] = mapped_column(String(55))
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
@@ -421,6 +424,16 @@ def timer_specs(row: ClockRow) -> list[TimerSpec]:
                 TimerSpec(row.clock_id, row.request_id, row.department, SlaClock(row.kind), row.episode, kind, due)
             )
     return out
+
+
+async def trace_parents(session: AsyncSession, request_ids: Sequence[str]) -> dict[str, str]:
+    """The stored ``trace_parent`` of each request that has one."""
+    if not request_ids:
+        return {}
+    stmt = select(RequestRow.request_id, RequestRow.trace_parent).where(
+        RequestRow.request_id.in_(sorted(set(request_ids))), RequestRow.trace_parent.is_not(None)
+    )
+    return {rid: tp for rid, tp in (await session.execute(stmt)).all() if tp}
 
 
 async def dirty_clocks(session: AsyncSession, request_id: str | None = None, limit: int = 500) -> Sequence[ClockRow]:

@@ -44,11 +44,13 @@ import orjson
 from faststream.middlewares import AckPolicy
 from faststream.nats import JStream, NatsMessage, NatsRouter, PullSub
 from nats.aio.msg import Msg
-from opentelemetry import propagate, trace
+from opentelemetry import context as otel_context
+from opentelemetry import trace
 from prometheus_client import CollectorRegistry, Counter
 from pydantic import Field, ValidationError
 from sqlalchemy.exc import IntegrityError
 
+from libs import telemetry
 from libs.contracts import (
     SERVICE_TYPES,
     Catalog,
@@ -315,6 +317,8 @@ class RoutingProcessor:
                 outcome = Outcome.APPLIED
             track.last_stream_seq = max(track.last_stream_seq, stream_seq)
             db.save_track(session, track, stored, wanted_timers(track, ctx), ctx.now)
+            if outcome is Outcome.ROUTED and stored.request is not None:
+                stored.request.trace_parent = telemetry.current_traceparent()
             rows = db.add_outbox(session, emits, event.event_id, ctx.now)
             for emitted in emits:
                 if isinstance(emitted, Routed):
@@ -414,18 +418,29 @@ class RoutingProcessor:
             return TimerResultInfo(TimerHandling.RETRY, result.outcome.value, delay)
         return TimerResultInfo(TimerHandling.DONE, result.outcome.value)
 
+    async def trace_anchor(self, request_id: str) -> str | None:
+        """The stored traceparent of routing's span of the request's ``created``, if any."""
+        async with self.db.transaction() as session:
+            return (await db.trace_parents(session, [request_id])).get(request_id)
+
     async def arm(self, request_id: str | None = None) -> int:
-        """Schedule the timers of every clock marked dirty (of one request, or all); returns how many were sent."""
+        """Schedule the timers of every clock marked dirty (of one request, or all); returns how many were sent.
+
+        A schedule carries the trace context of the span arming it (the server copies it onto the due
+        message); armed outside any span (the reconciler), of the request's stored routing span."""
         if self.schedule is None:
             return 0
+        in_span = telemetry.span_context_of(otel_context.get_current()) is not None
         async with self.db.transaction() as session:
             rows = await db.dirty_clocks(session, request_id)
-            work = [(row.clock_id, row.schedule_version, db.timer_specs(row)) for row in rows]
+            work = [(row.clock_id, row.request_id, row.schedule_version, db.timer_specs(row)) for row in rows]
+            anchors = {} if in_span else await db.trace_parents(session, [w[1] for w in work])
         sent = 0
         done: list[tuple[str, int]] = []
-        for clock_id, version, specs in work:
+        for clock_id, rid, version, specs in work:
             for spec in specs:
-                await self._schedule(spec)
+                with telemetry.within(None if in_span else telemetry.context_of(anchors.get(rid))):
+                    await self._schedule(spec)
                 sent += 1
             done.append((clock_id, version))
         if done:
@@ -550,16 +565,14 @@ def build_router(
         for index, raw in enumerate(raws):
             inbound = to_inbound(raw)
             try:
-                with span_tracer.start_as_current_span(
-                    f"{STREAM_EVENTS} process",
-                    context=propagate.extract(inbound.headers),
-                    kind=trace.SpanKind.CONSUMER,
-                    attributes={
-                        "messaging.system": "nats",
-                        "messaging.operation.type": "process",
-                        "messaging.destination.name": raw.subject[:256],
-                        "messaging.consumer.group.name": CONSUMER_ROUTING,
-                    },
+                # A child of intake's span that appended the event (its traceparent is in the headers).
+                with telemetry.process_span(
+                    span_tracer,
+                    stream=STREAM_EVENTS,
+                    subject=raw.subject,
+                    data=inbound.data,
+                    parent=telemetry.extract(inbound.headers),
+                    consumer=CONSUMER_ROUTING,
                 ):
                     outcome = await processor.process(inbound)
             except Exception as exc:
@@ -609,7 +622,16 @@ def build_router(
             inbound = to_inbound(raw)
             kind = raw.subject.rsplit(".", 1)[-1][:16]
             try:
-                result = await processor.process_timer(inbound)
+                parent = await timer_parent(processor, inbound)
+                with telemetry.process_span(
+                    span_tracer,
+                    stream=STREAM_TIMERS,
+                    subject=raw.subject,
+                    data=inbound.data,
+                    parent=parent,
+                    consumer=CONSUMER_ROUTING_TIMERS,
+                ):
+                    result = await processor.process_timer(inbound)
             except Exception:
                 delay = backoff_delay(retry_delay, inbound.num_delivered)
                 log.exception("timer %s failed; redelivering in %.1fs", raw.subject[:160], delay)
@@ -625,6 +647,18 @@ def build_router(
             count_timer(kind, result.outcome)
 
     return router
+
+
+async def timer_parent(processor: RoutingProcessor, inbound: Inbound) -> otel_context.Context:
+    """A due timer's span is a child of the span that armed it (the server copies the schedule's
+    ``traceparent`` onto the due message); without one, of routing's stored span of the request."""
+    carried = telemetry.extract(inbound.headers)
+    if telemetry.span_context_of(carried) is not None:
+        return carried
+    parts = inbound.subject.split(".")
+    request_id = parts[3] if len(parts) > 3 and ID_RE.fullmatch(parts[3]) else None
+    anchor = telemetry.context_of(await processor.trace_anchor(request_id)) if request_id else None
+    return anchor if anchor is not None else otel_context.Context()
 
 
 def backoff_delay(base: float, num_delivered: int, cap: float = MAX_RETRY_DELAY) -> float:

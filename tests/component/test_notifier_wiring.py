@@ -142,7 +142,7 @@ async def test_canonical_events_fan_out_on_department_subjects(
         assert captured.subject == f"baton.notify.{note.department}.{note.type}"
         assert captured.headers["Nats-Msg-Id"] == note.notification_id
     assert settlements == [(event_subject(e.request_id, e.type), "ack", None) for e in events]
-    processed = [s for s in spans.get_finished_spans() if s.name == f"{STREAM_EVENTS} process"]
+    processed = [s for s in spans.get_finished_spans() if s.name == f"process {STREAM_EVENTS}"]
     assert [s.attributes["messaging.destination.name"] for s in processed if s.attributes] == [
         event_subject(e.request_id, e.type) for e in events
     ]

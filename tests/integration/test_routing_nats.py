@@ -276,7 +276,7 @@ async def test_routed_continues_the_trace_of_the_created_event(
 
     assert routed.headers is not None
     assert routed.headers["traceparent"].split("-")[1] == trace_id
-    process = [s for s in spans if s.name == f"{STREAM_EVENTS} process"]
+    process = [s for s in spans if s.name == f"process {STREAM_EVENTS}"]
     assert len(process) == 1
     assert process[0].context is not None
     assert format(process[0].context.trace_id, "032x") == trace_id
