@@ -1,0 +1,160 @@
+"""Baton's tracing conventions (libs/telemetry): names, attributes without personal data, where spans hang."""
+
+from __future__ import annotations
+
+import orjson
+import pytest
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import format_span_id, format_trace_id
+
+from libs import telemetry
+
+TITLE = "Badge reader broken in Mrs Example's office"
+DESCRIPTION = "Since Monday the reader at door 4 refuses every badge; call Ana on +33 6 00 00 00 00."
+CREATED = {
+    "type": "created",
+    "event_id": "evt-0000000000000001",
+    "request_id": "REQ-TRACE00001",
+    "occurred_at": "2026-11-22T10:00:00+00:00",
+    "actor": {"department": "marketing", "person": "Ana Requester"},
+    "title": TITLE,
+    "description": DESCRIPTION,
+    "category": "ops-task",
+    "priority": "normal",
+    "requester": {"department": "marketing", "person": "Ana Requester"},
+    "attributes": {"room": "door 4, Mrs Example"},
+}
+
+
+@pytest.fixture
+def spans() -> tuple[TracerProvider, InMemorySpanExporter]:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    return provider, exporter
+
+
+def test_span_attributes_never_hold_the_title_description_or_any_free_text(
+    spans: tuple[TracerProvider, InMemorySpanExporter],
+) -> None:
+    provider, exporter = spans
+    tracer = provider.get_tracer("test")
+    data = orjson.dumps(CREATED)
+    subject = "baton.in.marketing.created"
+    with telemetry.process_span(
+        tracer, stream="BATON_IN", subject=subject, data=data, parent=telemetry.extract({}), consumer="intake"
+    ), telemetry.send_span(tracer, "baton.events.REQ-TRACE00001.created", data, {"Nats-Msg-Id": "evt-1x"}):
+        pass
+    (send, process) = exporter.get_finished_spans()
+    assert process.name == "process BATON_IN"
+    assert send.name == "send baton.events"
+    assert dict(process.attributes or {}) == {
+        "messaging.system": "nats",
+        "messaging.operation.type": "process",
+        "messaging.operation.name": "process",
+        "messaging.destination.name": subject,
+        "messaging.consumer.group.name": "intake",
+        "messaging.message.id": "evt-0000000000000001",
+        "baton.request_id": "REQ-TRACE00001",
+        "baton.event_type": "created",
+        "baton.department": "marketing",
+    }
+    for span in (send, process):
+        for key, value in (span.attributes or {}).items():
+            for text in (TITLE, DESCRIPTION, "Ana", "Mrs Example", "door 4"):
+                assert text not in str(value), f"{span.name}: {key}={value!r}"
+
+
+def test_identifiers_that_do_not_match_their_pattern_are_left_out() -> None:
+    body = {"request_id": "REQ 1; drop table", "type": "Created!", "actor": {"department": "Ana Requester"}}
+    assert telemetry.event_attributes("baton.events.x.y", orjson.dumps(body)) == {}
+    assert telemetry.event_attributes("baton.events.x.y", b"not json") == {}
+    assert telemetry.event_attributes("baton.notify.it.routed", b"[]") == {"baton.department": "it"}
+
+
+@pytest.mark.parametrize(
+    ("subject", "template"),
+    [
+        ("baton.events.REQ-1234567.created", "baton.events"),
+        ("baton.svc.routing.escalated", "baton.svc.routing"),
+        ("baton.in.marketing.created", "baton.in"),
+        ("baton.notify.it.routed", "baton.notify"),
+        ("baton.dlq.intake.validation_failed", "baton.dlq.intake"),
+        ("baton.timers.sched.REQ-1234567.it.accept.1.breach", "baton.timers.sched"),
+        ("baton.timers.due.REQ-1234567.it.accept.1.breach", "baton.timers.due"),
+    ],
+)
+def test_span_names_use_the_low_cardinality_part_of_the_subject(subject: str, template: str) -> None:
+    assert telemetry.destination_template(subject) == template
+
+
+def _traceparent(trace_id: str, span_id: str) -> str:
+    return f"00-{trace_id}-{span_id}-01"
+
+
+REQUEST_TRACE = "a" * 32
+ANCHOR = _traceparent(REQUEST_TRACE, "b" * 16)
+
+
+def test_created_starts_the_requests_own_trace_linked_to_its_publisher() -> None:
+    inbound = telemetry.extract({"traceparent": _traceparent("c" * 32, "d" * 16)})
+    parent, links = telemetry.request_parent(None, inbound)
+    assert telemetry.span_context_of(parent) is None  # a root: the request's trace
+    assert [(format_trace_id(lk.context.trace_id), format_span_id(lk.context.span_id)) for lk in links] == [
+        ("c" * 32, "d" * 16)
+    ]
+    assert telemetry.request_parent(None, telemetry.extract({})) == (parent, [])
+
+
+def test_a_later_event_from_outside_hangs_under_the_request_with_a_link_to_its_publisher() -> None:
+    foreign = telemetry.extract({"traceparent": _traceparent("c" * 32, "d" * 16)})
+    parent, links = telemetry.request_parent(ANCHOR, foreign)
+    sc = telemetry.span_context_of(parent)
+    assert sc is not None
+    assert (format_trace_id(sc.trace_id), format_span_id(sc.span_id)) == (REQUEST_TRACE, "b" * 16)
+    assert [format_trace_id(lk.context.trace_id) for lk in links] == ["c" * 32]
+    parent, links = telemetry.request_parent(ANCHOR, telemetry.extract({}))  # no context at all: no link
+    assert telemetry.span_context_of(parent) == sc
+    assert links == []
+
+
+def test_a_message_published_inside_the_requests_trace_is_a_child_of_its_publisher() -> None:
+    routing_send = telemetry.extract({"traceparent": _traceparent(REQUEST_TRACE, "e" * 16)})
+    parent, links = telemetry.request_parent(ANCHOR, routing_send)
+    sc = telemetry.span_context_of(parent)
+    assert sc is not None
+    assert format_span_id(sc.span_id) == "e" * 16
+    assert links == []
+
+
+def test_requests_recorded_before_their_first_span_was_stored_keep_their_trace_id() -> None:
+    anchor = telemetry.legacy_anchor(REQUEST_TRACE)
+    ctx = telemetry.context_of(anchor)
+    assert ctx is not None
+    sc = telemetry.span_context_of(ctx)
+    assert sc is not None
+    assert format_trace_id(sc.trace_id) == REQUEST_TRACE
+    assert telemetry.legacy_anchor(None) is None
+    assert telemetry.legacy_anchor("not-hex" * 5) is None
+
+
+def test_the_sdk_exports_nothing_without_an_otlp_endpoint(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_TRACES_EXPORTER"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.delenv("OTEL_SERVICE_NAME", raising=False)
+    silent = telemetry.make_tracer_provider("baton-test")
+    assert silent._active_span_processor._span_processors == ()
+    assert silent.resource.attributes["service.name"] == "baton-test"
+
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:4318")
+    monkeypatch.setenv("OTEL_SERVICE_NAME", "intake-eu-1")
+    exporting = telemetry.make_tracer_provider("baton-test")
+    (processor,) = exporting._active_span_processor._span_processors
+    assert type(processor.span_exporter).__name__ == "OTLPSpanExporter"  # type: ignore[attr-defined]
+    assert exporting.resource.attributes["service.name"] == "intake-eu-1"
+    exporting.shutdown()
+
+    monkeypatch.setenv("OTEL_TRACES_EXPORTER", "none")
+    assert telemetry.make_tracer_provider("baton-test")._active_span_processor._span_processors == ()
