@@ -34,6 +34,7 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from sqlalchemy import update
 
 from baton.natsserver import NatsServer
 from baton.provision import provision
@@ -48,6 +49,7 @@ from libs.contracts.subjects import (
     STREAM_NOTIFY,
     inbound_subject,
 )
+from services.intake import db as intake_db
 from services.intake.app import create_app as create_intake
 from services.intake.settings import IntakeSettings
 from services.metrics.app import create_app as create_metrics
@@ -57,6 +59,7 @@ from services.notifier.settings import NotifierSettings
 from services.routing.app import create_app as create_routing
 from services.routing.settings import RoutingSettings
 from tests.conftest import MakeDatabaseUrl
+from tests.intake_events import created, env, routed
 from tests.notifier_events import hook_server, write_tokens
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
@@ -395,3 +398,88 @@ async def test_one_request_is_one_trace_across_the_four_services(
 
 async def _true(value: bool) -> bool:
     return value
+
+
+# --- the HTTP path and the outbox --------------------------------------------------------------------------
+async def test_http_submissions_and_outbox_republications_join_the_requests_trace(
+    provisioned_nats: str, make_database_url: MakeDatabaseUrl, tmp_path: Path
+) -> None:
+    tokens = write_tokens(tmp_path / "tokens.yaml", ["marketing", "it"])
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider(resource=Resource.create({"service.name": "baton-intake"}))
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    settings = IntakeSettings(
+        nats_url=provisioned_nats,
+        database_url=make_database_url("intake"),
+        fetch_timeout=0.05,
+        retry_delay=0.2,
+        tokens_path=tmp_path / "tokens.yaml",
+        outbox_interval=3600,  # the test runs the outbox itself
+    )
+    app = create_intake(settings, tracer_provider=provider)
+    rid = f"REQ-{uuid.uuid4().hex[:10].upper()}"
+    caller, caller_trace, caller_span = foreign_traceparent()
+    later, later_trace, later_span = foreign_traceparent()
+    async with app.router.lifespan_context(app):
+        nc = await nats.connect(provisioned_nats)
+        http = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://intake")
+        try:
+            auth = {"Authorization": f"Bearer {tokens['marketing']}"}
+            made = await http.post("/v1/requests", json=created(rid), headers=auth | {"traceparent": caller})
+            assert made.status_code == 201, made.text
+            trace_id = made.json()["trace_id"]
+            # routing's routed, over NATS, here without any trace context: hangs under the request's first span
+            await nc.jetstream().publish("baton.svc.routing.routed", orjson.dumps(routed(rid)))
+            await until(lambda: settled_intake(nc), "intake to append routed")
+            accepted = env("accepted", rid, "it", 2) | {"assignee": "Sam", "eta": "2030-01-01T00:00:00+00:00"}
+            auth = {"Authorization": f"Bearer {tokens['it']}", "traceparent": later}
+            response = await http.post(f"/v1/requests/{rid}/events", json=accepted, headers=auth)
+            assert response.status_code == 201, response.text
+            # as if the PubAck of accepted had been lost: the outbox publishes it again, with no span alive
+            async with app.state.database.transaction() as session:
+                session.add(intake_db.PendingPublish(event_id=accepted["event_id"], created_at=datetime.now(UTC)))
+            async with app.state.database.transaction() as session:
+                await session.execute(
+                    update(intake_db.PendingPublish).values(created_at=datetime.now(UTC) - timedelta(hours=1))
+                )
+            assert await app.state.processor.publish_pending(older_than=1) == 1
+            spans = list(exporter.get_finished_spans())
+        finally:
+            await http.aclose()
+            await nc.close()
+
+    by_id = {s.context.span_id: s for s in spans if s.context is not None}
+    assert {hexid(s.context.trace_id, 32) for s in spans if s.context} == {trace_id}
+    (root,) = [s for s in spans if s.parent is None]
+    assert (root.name, root.attributes and root.attributes["baton.event_type"]) == ("POST /v1/requests", "created")
+    assert [(hexid(lk.context.trace_id, 32), hexid(lk.context.span_id)) for lk in root.links] == [
+        (caller_trace, caller_span)
+    ]
+
+    def named(name: str, event_id: str) -> list[ReadableSpan]:
+        return [
+            s for s in spans if s.name == name and s.attributes and s.attributes.get("messaging.message.id") == event_id
+        ]
+
+    (routed_span,) = [s for s in spans if s.name == "process BATON_IN"]
+    assert routed_span.parent is not None
+    assert routed_span.parent.span_id == root.context.span_id
+    assert not routed_span.links
+    (accept_span,) = [s for s in spans if s.name == "POST /v1/requests/{request_id}/events"]
+    assert accept_span.parent is not None
+    assert accept_span.parent.span_id == root.context.span_id
+    assert [(hexid(lk.context.trace_id, 32), hexid(lk.context.span_id)) for lk in accept_span.links] == [
+        (later_trace, later_span)
+    ]
+    first, again = named("send baton.events", accepted["event_id"])
+    assert first.parent is not None
+    assert again.parent is not None
+    assert by_id[first.parent.span_id] is accept_span
+    assert again.parent.span_id == root.context.span_id  # the outbox: under the request's first span
+
+
+async def settled_intake(nc: NATS) -> bool:
+    jsm = nc.jsm()
+    last = (await jsm.stream_info(STREAM_IN)).state.last_seq
+    info = await jsm.consumer_info(STREAM_IN, CONSUMER_INTAKE)
+    return bool(info.ack_floor.stream_seq >= last and not info.num_ack_pending)
