@@ -7,8 +7,8 @@ Every delivery is a ``POST`` of a JSON body with these headers:
   attempt, so a retry carries a fresh signature; receivers refuse a ``t`` outside their replay window
   (5 minutes is the recommended tolerance) and compare signatures in constant time;
 * ``Baton-Delivery-Id`` (the same on every attempt of one delivery), ``Baton-Notification-Id``,
-  ``Baton-Event-Type``, ``Baton-Webhook-Id``, ``Baton-Attempt``; ``traceparent`` when the
-  notification was produced inside a trace.
+  ``Baton-Event-Type``, ``Baton-Webhook-Id``, ``Baton-Attempt``; ``traceparent`` of the POST's
+  span (in the request's trace; a digest's in a trace of its own).
 
 Delivery is at least once: dedupe on ``Baton-Delivery-Id`` (or the notification id in the body).
 """
