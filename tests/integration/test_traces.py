@@ -34,7 +34,7 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from sqlalchemy import update
+from sqlalchemy import select, update
 
 from baton.natsserver import NatsServer
 from baton.provision import provision
@@ -56,6 +56,7 @@ from services.metrics.app import create_app as create_metrics
 from services.metrics.settings import MetricsSettings
 from services.notifier.app import create_app as create_notifier
 from services.notifier.settings import NotifierSettings
+from services.routing import db as routing_db
 from services.routing.app import create_app as create_routing
 from services.routing.settings import RoutingSettings
 from tests.conftest import MakeDatabaseUrl
@@ -483,3 +484,91 @@ async def settled_intake(nc: NATS) -> bool:
     last = (await jsm.stream_info(STREAM_IN)).state.last_seq
     info = await jsm.consumer_info(STREAM_IN, CONSUMER_INTAKE)
     return bool(info.ack_floor.stream_seq >= last and not info.num_ack_pending)
+
+
+# --- timers armed by no live span ----------------------------------------------------------------------------
+async def test_timers_rearmed_outside_any_span_stay_in_the_requests_trace(
+    provisioned_nats: str, make_database_url: MakeDatabaseUrl, catalog_path: Path
+) -> None:
+    """The reconciler re-arms timers (e.g. after NATS was down) with no span alive: the schedules it sends
+    are children of routing's stored span of the request's ``created``, so the due timers (days later)
+    land in the request's trace."""
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider(resource=Resource.create({"service.name": "baton-routing"}))
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    app = create_routing(
+        RoutingSettings(
+            nats_url=provisioned_nats,
+            database_url=make_database_url("routing"),
+            catalog_path=str(catalog_path),
+            fetch_timeout=0.05,
+            retry_delay=0.1,
+            reconcile_interval=3600,  # the test runs the reconciler itself
+        ),
+        tracer_provider=provider,
+    )
+    rid = f"REQ-{uuid.uuid4().hex[:10].upper()}"
+    trace_id, intake_span = secrets.token_hex(16), secrets.token_hex(8)
+    doc = envelope(
+        "created",
+        rid,
+        "marketing",
+        "Ana Requester",
+        title=TITLE,
+        category="laptop",
+        priority="normal",
+        requester={"department": "marketing", "person": "Ana Requester"},
+    ) | {"sequence": 1, "recorded_at": datetime.now(UTC).isoformat(), "trace_id": trace_id}
+    async with app.router.lifespan_context(app):
+        nc = await nats.connect(provisioned_nats)
+        try:
+            ack = await nc.jetstream().publish(
+                f"baton.events.{rid}.created",
+                orjson.dumps(doc),
+                stream=STREAM_EVENTS,
+                headers={"Nats-Msg-Id": doc["event_id"], "traceparent": f"00-{trace_id}-{intake_span}-01"},
+            )
+
+            async def applied(seq: int) -> bool:
+                info = await nc.jsm().consumer_info(STREAM_EVENTS, CONSUMER_ROUTING)
+                return bool(info.ack_floor.stream_seq >= seq and not info.num_ack_pending)
+
+            await until(lambda: applied(ack.seq), "routing to process the created event")
+            # intake's part, played here: append routing's routed to the canonical log (the clocks start then)
+            routed = orjson.loads((await nc.jsm().get_msg(STREAM_IN, 1)).data or b"{}")
+            routed |= {"sequence": 2, "recorded_at": datetime.now(UTC).isoformat(), "trace_id": trace_id}
+            ack = await nc.jetstream().publish(
+                f"baton.events.{rid}.routed",
+                orjson.dumps(routed),
+                stream=STREAM_EVENTS,
+                headers={"Nats-Msg-Id": routed["event_id"], "traceparent": f"00-{trace_id}-{secrets.token_hex(8)}-01"},
+            )
+            await until(lambda: applied(ack.seq), "routing to process the routed event")
+            armed = [s for s in exporter.get_finished_spans() if s.name == "send baton.timers.sched"]
+            async with app.state.database.transaction() as session:
+                clocks = (
+                    (
+                        await session.execute(
+                            select(routing_db.ClockRow.clock_id).where(routing_db.ClockRow.request_id == rid)
+                        )
+                    )
+                    .scalars()
+                    .all()
+                )
+                await routing_db.mark_dirty(session, list(clocks))
+            assert await app.state.processor.reconcile() >= 1
+            spans = list(exporter.get_finished_spans())
+        finally:
+            await nc.close()
+
+    process, process_routed = [s for s in spans if s.name == "process BATON_EVENTS"]
+    assert process.parent is not None
+    assert hexid(process.parent.span_id) == intake_span
+    assert armed, "the routed event armed the clocks' timers"
+    assert all(s.parent is not None and s.parent.span_id == process_routed.context.span_id for s in armed)
+    rearmed = [s for s in spans if s.name == "send baton.timers.sched" and s not in armed]
+    assert rearmed, "the reconciler sent schedules"
+    for span in rearmed:
+        assert hexid(span.context.trace_id, 32) == trace_id
+        assert span.parent is not None
+        assert span.parent.span_id == process.context.span_id  # routing's stored span of the created
