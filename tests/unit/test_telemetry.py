@@ -43,9 +43,12 @@ def test_span_attributes_never_hold_the_title_description_or_any_free_text(
     tracer = provider.get_tracer("test")
     data = orjson.dumps(CREATED)
     subject = "baton.in.marketing.created"
-    with telemetry.process_span(
-        tracer, stream="BATON_IN", subject=subject, data=data, parent=telemetry.extract({}), consumer="intake"
-    ), telemetry.send_span(tracer, "baton.events.REQ-TRACE00001.created", data, {"Nats-Msg-Id": "evt-1x"}):
+    with (
+        telemetry.process_span(
+            tracer, stream="BATON_IN", subject=subject, data=data, parent=telemetry.extract({}), consumer="intake"
+        ),
+        telemetry.send_span(tracer, "baton.events.REQ-TRACE00001.created", data, {"Nats-Msg-Id": "evt-1x"}),
+    ):
         pass
     (send, process) = exporter.get_finished_spans()
     assert process.name == "process BATON_IN"
