@@ -299,13 +299,23 @@ async def test_one_request_is_one_trace_across_the_four_services(
                 await until(lambda: settled(nc), f"every service to settle after {event['type']}")
 
             await until(lambda: settled(nc), "every service to settle")
-            await until(lambda: _true(len(hooks.on("/ops")) >= 6), "the webhook deliveries of ops' notifications")
+            notices = [b for _, _, b in await messages(nc, STREAM_NOTIFY) if b.get("request_id") == rid]
+            for_ops = [n for n in notices if n.get("department") == "ops"]
+            # one POST per notification of ops (every one is immediate: no digest was chosen)
+            await until(lambda: _true(len(hooks.on("/ops")) >= len(for_ops)), "the webhook deliveries to ops")
             hits = hooks.on("/ops")
+            assert sorted(h.headers["Baton-Notification-Id"] for h in hits) == sorted(
+                n["notification_id"] for n in for_ops
+            )
+            # the POST spans end once the responses are read (just after the server recorded the hits)
+            await until(
+                lambda: _true(sum(s.name == "POST" for s in exporter.get_finished_spans()) >= len(hits)),
+                "the webhook POST spans to end",
+            )
             spans = list(exporter.get_finished_spans())
             timeline = (await metrics.get(f"/v1/requests/{rid}/timeline")).json()
             canonical = [(s, h, b) for s, h, b in await messages(nc, STREAM_EVENTS) if b.get("request_id") == rid]
             inbound = [(s, h, b) for s, h, b in await messages(nc, STREAM_IN) if b.get("request_id") == rid]
-            notices = [b for _, _, b in await messages(nc, STREAM_NOTIFY) if b.get("request_id") == rid]
     finally:
         await notifier.aclose()
         await metrics.aclose()
