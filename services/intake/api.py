@@ -34,8 +34,8 @@ from sqlalchemy.exc import InterfaceError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
-from libs import telemetry
 from libs.contracts import EVENT_ADAPTER, EVENT_MODELS, INBOUND_TYPES, SYSTEM_DEPARTMENT
+from libs.contracts import tracing as telemetry
 from libs.contracts.envelope import ID_PATTERN, SLUG_PATTERN, Envelope
 from libs.contracts.events import (
     Accepted,

@@ -19,7 +19,7 @@ from starlette.responses import JSONResponse
 
 from libs.contracts.subjects import CONSUMER_INTAKE, STREAM_IN
 from libs.contracts.tokens import TokenRegistry
-from libs.telemetry import make_tracer_provider, send_span
+from libs.contracts.tracing import make_tracer_provider, send_span
 
 from . import api, db
 from .handlers import IntakeProcessor, build_router

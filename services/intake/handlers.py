@@ -33,8 +33,8 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from libs import telemetry
 from libs.contracts import DeadLetter, LifecycleEvent, Rejection, dumps
+from libs.contracts import tracing as telemetry
 from libs.contracts.envelope import ID_RE
 from libs.contracts.notifications import FieldError, RejectionCode
 from libs.contracts.subjects import (

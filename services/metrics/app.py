@@ -38,7 +38,7 @@ from libs.contracts.catalog import Catalog
 from libs.contracts.catalog_file import CatalogError, load_catalog
 from libs.contracts.envelope import ID_PATTERN, SLUG_PATTERN
 from libs.contracts.subjects import CONSUMER_METRICS, STREAM_EVENTS
-from libs.telemetry import make_tracer_provider, send_span
+from libs.contracts.tracing import make_tracer_provider, send_span
 
 from . import db, pages
 from .access import COOKIE, Access, Viewer, safe_next

@@ -28,8 +28,8 @@ from faststream.nats import JStream, NatsMessage, NatsRouter, PullSub
 from nats.aio.msg import Msg
 from opentelemetry import trace
 
-from libs import telemetry
 from libs.contracts import EVENT_MODELS, DeadLetter, dumps
+from libs.contracts import tracing as telemetry
 from libs.contracts.envelope import ID_RE
 from libs.contracts.notifications import FieldError
 from libs.contracts.subjects import (

@@ -23,7 +23,7 @@ from libs.contracts.catalog_file import load_catalog
 from libs.contracts.envelope import ID_PATTERN
 from libs.contracts.subjects import CONSUMER_NOTIFIER, STREAM_EVENTS
 from libs.contracts.tokens import TokenRegistry
-from libs.telemetry import make_tracer_provider, send_span
+from libs.contracts.tracing import make_tracer_provider, send_span
 
 from . import db
 from .api import FeedSource, build_api

@@ -39,8 +39,8 @@ from prometheus_client import CollectorRegistry, Counter
 from pydantic import ValidationError
 from sqlalchemy.exc import IntegrityError
 
-from libs import telemetry
 from libs.contracts import DeadLetter, LifecycleEvent, dumps, error_list, parse_event
+from libs.contracts import tracing as telemetry
 from libs.contracts.notifications import FieldError
 from libs.contracts.subjects import (
     CONSUMER_NOTIFIER,

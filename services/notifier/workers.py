@@ -33,8 +33,8 @@ from opentelemetry.context import Context
 from opentelemetry.util.types import AttributeValue
 from sqlalchemy.exc import IntegrityError
 
-from libs import telemetry
 from libs.contracts import Notification
+from libs.contracts import tracing as telemetry
 from libs.contracts.subjects import STREAM_NOTIFY, notify_subject
 
 from . import db

@@ -31,7 +31,7 @@ from libs.contracts.subjects import (
     STREAM_TIMERS,
     request_events_filter,
 )
-from libs.telemetry import make_tracer_provider, send_span
+from libs.contracts.tracing import make_tracer_provider, send_span
 
 from . import db
 from .business_time import BusinessCalendar

@@ -50,7 +50,6 @@ from prometheus_client import CollectorRegistry, Counter
 from pydantic import Field, ValidationError
 from sqlalchemy.exc import IntegrityError
 
-from libs import telemetry
 from libs.contracts import (
     SERVICE_TYPES,
     Catalog,
@@ -62,6 +61,7 @@ from libs.contracts import (
     error_list,
     parse_event,
 )
+from libs.contracts import tracing as telemetry
 from libs.contracts.envelope import ID_RE, RequestId, Slug, StrictModel, Timestamp
 from libs.contracts.events import SlaClock
 from libs.contracts.notifications import FieldError

@@ -9,7 +9,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import format_span_id, format_trace_id
 
-from libs import telemetry
+from libs.contracts import tracing as telemetry
 
 TITLE = "Badge reader broken in Mrs Example's office"
 DESCRIPTION = "Since Monday the reader at door 4 refuses every badge; call Ana on +33 6 00 00 00 00."

@@ -1,4 +1,4 @@
-"""Baton's tracing conventions, shared by the four services: one trace per request.
+"""Baton's tracing contract, shared by the four services: one trace per request.
 
 * ``make_tracer_provider``: the OpenTelemetry SDK configured by the standard ``OTEL_*`` variables;
   spans are exported over OTLP only when an OTLP endpoint is set (otherwise nothing leaves the process).
