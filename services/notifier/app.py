@@ -21,6 +21,7 @@ from starlette.responses import JSONResponse
 from libs.contracts import Catalog
 from libs.contracts.catalog_file import load_catalog
 from libs.contracts.envelope import ID_PATTERN
+from libs.contracts.publishing import jetstream_publish_many
 from libs.contracts.subjects import CONSUMER_NOTIFIER, STREAM_EVENTS
 from libs.contracts.tokens import TokenRegistry
 from libs.contracts.tracing import make_tracer_provider, send_span
@@ -103,6 +104,9 @@ def create_app(
         gap_max_delay=settings.gap_max_delay,
         metrics=metrics,
         on_deliveries=webhooks.wake,
+        publish_many=jetstream_publish_many(
+            lambda: broker.config.broker_config.connection_state.stream, tracer, publish
+        ),
     )
     broker.include_router(
         build_router(

@@ -283,7 +283,9 @@ async def find_processed(session: AsyncSession, event_id: str) -> ProcessedEvent
 
 
 async def load_projection(session: AsyncSession, request_id: str, *, for_update: bool) -> ProjectionRow | None:
-    stmt = select(ProjectionRow).where(ProjectionRow.request_id == request_id)
+    # populate_existing: a batch applies several events of a request on one session, and the UPDATE in
+    # save_projection bypasses the identity map: always read the row as the database has it now.
+    stmt = select(ProjectionRow).where(ProjectionRow.request_id == request_id).execution_options(populate_existing=True)
     if for_update:
         stmt = stmt.with_for_update()
     return (await session.execute(stmt)).scalar_one_or_none()

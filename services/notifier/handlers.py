@@ -25,8 +25,9 @@ from __future__ import annotations
 
 import base64
 import logging
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any, Protocol, cast
@@ -34,14 +35,17 @@ from typing import Any, Protocol, cast
 from faststream.middlewares import AckPolicy
 from faststream.nats import JStream, NatsMessage, NatsRouter, PullSub
 from nats.aio.msg import Msg
+from opentelemetry import context as otel_context
 from opentelemetry import trace
 from prometheus_client import CollectorRegistry, Counter
 from pydantic import ValidationError
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from libs.contracts import DeadLetter, LifecycleEvent, dumps, error_list, parse_event
 from libs.contracts import tracing as telemetry
 from libs.contracts.notifications import FieldError
+from libs.contracts.publishing import Outgoing, PublishMany, dedupe, sequential_publish_many
 from libs.contracts.subjects import (
     CONSUMER_NOTIFIER,
     EVENTS_PREFIX,
@@ -135,6 +139,31 @@ class _Gap:
     last_sequence: int
 
 
+@dataclass(frozen=True)
+class _Applied:
+    """An event applied (or found applied: ``replay``): the notifications to publish."""
+
+    pending: list[_Pending]
+    replay: bool
+    counted: list[tuple[str, str]] = field(default_factory=list)
+    queued: int = 0
+
+
+@dataclass(frozen=True)
+class _Decided:
+    """One message's outcome inside a transaction, and what to do once it committed."""
+
+    result: Result
+    outgoing: list[Outgoing] = field(default_factory=list)
+    notification_ids: list[str] = field(default_factory=list)
+    counted: list[tuple[str, str]] = field(default_factory=list)
+    queued: int = 0
+
+
+#: Opens the consumer span of one message (a context manager), e.g. ``telemetry.process_span``.
+SpanFactory = Callable[[Inbound], AbstractContextManager[Any]]
+
+
 class NotifierProcessor:
     def __init__(
         self,
@@ -148,10 +177,13 @@ class NotifierProcessor:
         metrics: NotifierMetrics | None = None,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         on_deliveries: Callable[[], None] | None = None,
+        publish_many: PublishMany | None = None,
     ) -> None:
+        """``publish_many`` sends a batch's effects with one PubAck window (default: ``publish`` one by one)."""
         self.on_deliveries = on_deliveries
         self.db = database
-        self.publish = publish
+        self._publish = publish
+        self.publish_many = publish_many or sequential_publish_many(publish)
         self.directory = directory
         self.max_deliver = max_deliver
         self.gap_delay = gap_delay
@@ -159,141 +191,190 @@ class NotifierProcessor:
         self.metrics = metrics
         self.clock = clock
 
+    @property
+    def publish(self) -> Publish:
+        return self._publish
+
+    @publish.setter
+    def publish(self, publish: Publish) -> None:
+        """Replacing ``publish`` (a test's spy, a fault) routes every publish through it, batches included."""
+        self._publish = publish
+        self.publish_many = sequential_publish_many(publish)
+
     def is_last_delivery(self, msg: Inbound) -> bool:
         return self.max_deliver > 0 and msg.num_delivered >= self.max_deliver
 
     async def process(self, msg: Inbound) -> Result:
+        """One message in its own transaction (the fallback when a batch could not be applied at once)."""
+        for _attempt in range(5):
+            try:
+                async with self.db.transaction() as session:
+                    decided = await self._decide(session, msg)
+                break
+            except (db.ConcurrentUpdate, IntegrityError):
+                # Another notifier replica applied an event of this request first: re-read and decide again.
+                log.info("concurrent update on %s, retrying", msg.subject[:128])
+        else:
+            raise RuntimeError(f"{msg.subject[:128]}: too many concurrent updates")
+        self._after_commit(decided)
+        await self._publish_effects(decided.outgoing, decided.notification_ids)
+        return decided.result
+
+    async def process_batch(self, msgs: Sequence[Inbound], span: SpanFactory) -> list[Result]:
+        """Every message of a fetched batch in one transaction, committed once; then every effect published
+        (notifications and dead letters, in order, PubAcks awaited together). Returns one result per message,
+        in order; the caller acks only after this returned.
+
+        Events of one request inside the batch are applied in stream order on the same session (each sees
+        the projection the previous one left). Any exception rolls the whole transaction back and is raised:
+        the caller then handles the batch one message at a time (:meth:`process`), which isolates a poison
+        message. A failure after the commit (a PubAck) is repaired the same way: each event is then found
+        processed and its stored notifications are published again (deduplicated by ``Nats-Msg-Id``).
+        ``span(msg)`` opens the consumer span of a message; its sends stay children of that span.
+        """
+        decisions: list[_Decided] = []
+        async with self.db.transaction() as session:
+            for msg in msgs:
+                with span(msg):
+                    decisions.append(await self._decide(session, msg))
+        outgoing: list[Outgoing] = []
+        notification_ids: list[str] = []
+        for decided in decisions:
+            self._after_commit(decided)
+            outgoing.extend(decided.outgoing)
+            notification_ids.extend(decided.notification_ids)
+        await self._publish_effects(outgoing, notification_ids)
+        return [d.result for d in decisions]
+
+    async def _decide(self, session: AsyncSession, msg: Inbound) -> _Decided:
+        """What one message does, inside the caller's transaction: its writes, its result, what to publish."""
+        context = otel_context.get_current()
         try:
             event = parse_event(msg.data)
         except ValidationError as exc:
             errors = error_list(exc)
             summary = "; ".join(f"{'.'.join(map(str, e.loc)) or '(root)'}: {e.message}" for e in errors[:5])
-            await self._dead_letter(msg, "invalid_event", f"invalid canonical event: {summary}"[:1000], errors)
-            return Result(Outcome.DEAD_LETTERED)
+            letter = self._letter(msg, "invalid_event", f"invalid canonical event: {summary}"[:1000], errors)
+            return _Decided(Result(Outcome.DEAD_LETTERED), [letter])
         poison = check_event(event, msg.subject)
         if poison is not None:
-            await self._dead_letter(msg, poison.code, poison.message, [], event)
-            return Result(Outcome.DEAD_LETTERED)
+            return _Decided(Result(Outcome.DEAD_LETTERED), [self._letter(msg, poison.code, poison.message, [], event)])
 
-        for _attempt in range(5):
-            try:
-                step = await self._apply(event)
-                break
-            except (db.ConcurrentUpdate, IntegrityError):
-                # Another notifier replica applied an event of this request first: re-read and decide again.
-                log.info("concurrent update on %s, retrying", event.request_id)
-        else:
-            raise RuntimeError(f"request {event.request_id}: too many concurrent updates")
-
+        step = await self._apply(session, event)
         if isinstance(step, Poison):
-            await self._dead_letter(msg, step.code, step.message, [], event)
-            return Result(Outcome.DEAD_LETTERED)
+            return _Decided(Result(Outcome.DEAD_LETTERED), [self._letter(msg, step.code, step.message, [], event)])
         if isinstance(step, _Gap):
-            return await self._wait_for_gap(msg, event, step.last_sequence)
-        pending, replay = step
-        await self._publish_all(pending)
-        return Result(Outcome.REPUBLISHED if replay else Outcome.APPLIED, published=len(pending))
+            return self._wait_for_gap(msg, event, step.last_sequence)
+        outgoing = [Outgoing(p.subject, p.body, p.notification_id, STREAM_NOTIFY, context) for p in step.pending]
+        return _Decided(
+            Result(Outcome.REPUBLISHED if step.replay else Outcome.APPLIED, published=len(step.pending)),
+            outgoing,
+            [p.notification_id for p in step.pending],
+            step.counted,
+            step.queued,
+        )
 
-    async def _apply(self, event: LifecycleEvent) -> tuple[list[_Pending], bool] | _Gap | Poison:
-        """One transaction: find the event or apply it; returns the notifications to publish."""
+    def _after_commit(self, decided: _Decided) -> None:
+        if self.metrics is not None:
+            for kind, role in decided.counted:
+                self.metrics.notifications.labels(kind, role).inc()
+        if decided.queued and self.on_deliveries is not None:
+            self.on_deliveries()
+
+    async def _apply(self, session: AsyncSession, event: LifecycleEvent) -> _Applied | _Gap | Poison:
+        """Find the event or apply it (in the caller's transaction); returns the notifications to publish."""
         assert event.sequence is not None  # check_event
-        async with self.db.transaction() as session:
-            if await db.find_processed(session, event.event_id) is not None:
-                earlier = await db.unpublished_before(session, event.request_id, event.sequence)
-                rows = [*earlier, *await db.event_outbox(session, event.event_id)]
-                return [_pending(r) for r in rows if r.immediate and r.published_at is None], True
+        if await db.find_processed(session, event.event_id) is not None:
+            earlier = await db.unpublished_before(session, event.request_id, event.sequence)
+            rows = [*earlier, *await db.event_outbox(session, event.event_id)]
+            return _Applied([_pending(r) for r in rows if r.immediate and r.published_at is None], replay=True)
 
-            row = await db.load_projection(session, event.request_id, for_update=self.db.is_postgres)
-            before = row.to_projection() if row is not None else None
-            last = before.last_sequence if before is not None else 0
-            decision = order(last, event.sequence)
-            if decision is Order.GAP:
-                return _Gap(last)
-            if decision is Order.ALREADY_APPLIED:
-                return Poison(
-                    "sequence_conflict",
-                    f"sequence {event.sequence} of request {event.request_id} was already applied "
-                    f"from another event than {event.event_id}",
-                )
+        row = await db.load_projection(session, event.request_id, for_update=self.db.is_postgres)
+        before = row.to_projection() if row is not None else None
+        last = before.last_sequence if before is not None else 0
+        decision = order(last, event.sequence)
+        if decision is Order.GAP:
+            return _Gap(last)
+        if decision is Order.ALREADY_APPLIED:
+            return Poison(
+                "sequence_conflict",
+                f"sequence {event.sequence} of request {event.request_id} was already applied "
+                f"from another event than {event.event_id}",
+            )
 
-            now = self.clock()
-            planned = plan(before, event, self.directory, now)
-            if isinstance(planned, Poison):
-                return planned
-            await db.save_projection(session, row, planned.projection, now)
+        now = self.clock()
+        planned = plan(before, event, self.directory, now)
+        if isinstance(planned, Poison):
+            return planned
+        await db.save_projection(session, row, planned.projection, now)
+        session.add(
+            db.ProcessedEventRow(
+                event_id=event.event_id,
+                request_id=event.request_id,
+                sequence=event.sequence,
+                type=event.type,
+                processed_at=now,
+            )
+        )
+        # An earlier event's notifications whose publish failed (its redelivery is pending) go out first,
+        # so that every department's stream stays in sequence order; the copies are deduplicated. In a batch
+        # these include the earlier events of the same request applied just before (published once).
+        pending: list[_Pending] = [
+            _pending(r) for r in await db.unpublished_before(session, event.request_id, event.sequence)
+        ]
+        departments = [n.department for n in planned.notifications]
+        prefs = await db.preferences(session, departments)
+        hooks = await db.active_webhooks(session, departments)
+        traceparent = current_traceparent()
+        counted: list[tuple[str, str]] = []
+        queued = 0
+        for position, notification in enumerate(planned.notifications):
+            subject = notify_subject(notification.department, notification.type)
+            body = dumps(notification)
+            delivery = delivery_for(prefs.get(notification.department), notification.type)
             session.add(
-                db.ProcessedEventRow(
+                db.OutboxRow(
+                    notification_id=notification.notification_id,
                     event_id=event.event_id,
                     request_id=event.request_id,
                     sequence=event.sequence,
-                    type=event.type,
-                    processed_at=now,
+                    position=position,
+                    department=notification.department,
+                    role=notification.role.value,
+                    type=notification.type,
+                    subject=subject,
+                    body=body.decode(),
+                    text=notification.text,
+                    created_at=now,
+                    delivery=delivery.value,
                 )
             )
-            # An earlier event's notifications whose publish failed (its redelivery is pending) go out first,
-            # so that every department's stream stays in sequence order; the copies are deduplicated.
-            pending: list[_Pending] = [
-                _pending(r) for r in await db.unpublished_before(session, event.request_id, event.sequence)
-            ]
-            departments = [n.department for n in planned.notifications]
-            prefs = await db.preferences(session, departments)
-            hooks = await db.active_webhooks(session, departments)
-            traceparent = current_traceparent()
-            counted: list[tuple[str, str]] = []
-            queued = 0
-            for position, notification in enumerate(planned.notifications):
-                subject = notify_subject(notification.department, notification.type)
-                body = dumps(notification)
-                delivery = delivery_for(prefs.get(notification.department), notification.type)
-                session.add(
-                    db.OutboxRow(
-                        notification_id=notification.notification_id,
-                        event_id=event.event_id,
-                        request_id=event.request_id,
-                        sequence=event.sequence,
-                        position=position,
-                        department=notification.department,
-                        role=notification.role.value,
-                        type=notification.type,
-                        subject=subject,
-                        body=body.decode(),
-                        text=notification.text,
-                        created_at=now,
-                        delivery=delivery.value,
-                    )
-                )
-                counted.append((notification.type, notification.role.value))
-                if delivery is not Delivery.IMMEDIATE:
-                    continue  # held for the department's digest (workers.DigestWorker)
-                pending.append(_Pending(notification.notification_id, subject, body))
-                queued += db.queue_deliveries(
-                    session,
-                    hooks,
-                    department=notification.department,
-                    notification_id=notification.notification_id,
-                    kind=notification.type,
-                    request_id=notification.request_id,
-                    body=body.decode(),
-                    traceparent=traceparent,
-                    now=now,
-                )
-            await session.flush()
-        if self.metrics is not None:
-            for kind, role in counted:
-                self.metrics.notifications.labels(kind, role).inc()
-        if queued and self.on_deliveries is not None:
-            self.on_deliveries()
-        return pending, False
+            counted.append((notification.type, notification.role.value))
+            if delivery is not Delivery.IMMEDIATE:
+                continue  # held for the department's digest (workers.DigestWorker)
+            pending.append(_Pending(notification.notification_id, subject, body))
+            queued += db.queue_deliveries(
+                session,
+                hooks,
+                department=notification.department,
+                notification_id=notification.notification_id,
+                kind=notification.type,
+                request_id=notification.request_id,
+                body=body.decode(),
+                traceparent=traceparent,
+                now=now,
+            )
+        await session.flush()
+        return _Applied(pending, replay=False, counted=counted, queued=queued)
 
-    async def _publish_all(self, pending: list[_Pending]) -> None:
-        for item in pending:
-            await self.publish(item.subject, item.body, msg_id=item.notification_id, stream=STREAM_NOTIFY)
-        if pending:
+    async def _publish_effects(self, outgoing: list[Outgoing], notification_ids: list[str]) -> None:
+        await self.publish_many(dedupe(outgoing))
+        if notification_ids:
             # Only an optimisation: a crash before this line means the rows are sent again (and deduplicated).
             async with self.db.transaction() as session:
-                await db.mark_published(session, [p.notification_id for p in pending], self.clock())
+                await db.mark_published(session, sorted(set(notification_ids)), self.clock())
 
-    async def _wait_for_gap(self, msg: Inbound, event: LifecycleEvent, last: int) -> Result:
+    def _wait_for_gap(self, msg: Inbound, event: LifecycleEvent, last: int) -> _Decided:
         expected = last + 1
         if self.is_last_delivery(msg):
             message = (
@@ -301,8 +382,8 @@ class NotifierProcessor:
                 f"({msg.num_delivered} deliveries)"
             )
             details = {"request_id": event.request_id, "sequence": event.sequence, "expected": expected}
-            await self._dead_letter(msg, "sequence_gap", message, [], event, details)
-            return Result(Outcome.DEAD_LETTERED)
+            letter = self._letter(msg, "sequence_gap", message, [], event, details)
+            return _Decided(Result(Outcome.DEAD_LETTERED), [letter])
         delay = gap_delay(msg.num_delivered, self.gap_delay, self.gap_max_delay)
         log.info(
             "request %s: %s (sequence %s) arrived before sequence %d; redelivering in %.1fs",
@@ -312,13 +393,14 @@ class NotifierProcessor:
             expected,
             delay,
         )
-        return Result(Outcome.WAITING, retry_in=delay)
+        return _Decided(Result(Outcome.WAITING, retry_in=delay))
 
     async def dead_letter_poison(self, msg: Inbound, error: BaseException) -> None:
         """Called on a message's last allowed delivery when processing keeps failing."""
-        await self._dead_letter(msg, "processing_failed", f"{type(error).__name__}: {error}"[:1000], [])
+        letter = self._letter(msg, "processing_failed", f"{type(error).__name__}: {error}"[:1000], [])
+        await self.publish_many([letter])
 
-    async def _dead_letter(
+    def _letter(
         self,
         msg: Inbound,
         code: str,
@@ -326,7 +408,7 @@ class NotifierProcessor:
         errors: list[FieldError],
         event: LifecycleEvent | None = None,
         details: dict[str, Any] | None = None,
-    ) -> None:
+    ) -> Outgoing:
         letter = DeadLetter(
             dead_letter_id=f"dlq-notifier-{msg.stream_sequence}",
             service=SERVICE,
@@ -342,7 +424,9 @@ class NotifierProcessor:
             details=details or {},
         )
         log.warning("dead-lettering %s (%s): %s", msg.subject[:128], code, message)
-        await self.publish(dlq_subject(SERVICE, code), dumps(letter), msg_id=letter.dead_letter_id, stream=STREAM_DLQ)
+        return Outgoing(
+            dlq_subject(SERVICE, code), dumps(letter), letter.dead_letter_id, STREAM_DLQ, otel_context.get_current()
+        )
 
 
 def current_traceparent() -> str | None:
@@ -391,6 +475,25 @@ def build_router(
         if metrics is not None:
             metrics.messages.labels(outcome).inc()
 
+    def span_for(inbound: Inbound) -> AbstractContextManager[Any]:
+        # A child of intake's span that appended the event (its traceparent is in the headers).
+        span: AbstractContextManager[Any] = telemetry.process_span(
+            span_tracer,
+            stream=STREAM_EVENTS,
+            subject=inbound.subject,
+            data=inbound.data,
+            parent=telemetry.extract(inbound.headers),
+            consumer=CONSUMER_NOTIFIER,
+        )
+        return span
+
+    async def settle(raw: Msg, result: Result) -> None:
+        if result.outcome is Outcome.WAITING:
+            await raw.nak(delay=result.retry_in)
+        else:
+            await raw.ack()
+        count(result.outcome.value)
+
     @router.subscriber(
         f"{EVENTS_PREFIX}.>",
         stream=JStream(STREAM_EVENTS, declare=False),
@@ -403,18 +506,22 @@ def build_router(
     )
     async def on_events(body: list[bytes], msg: NatsMessage) -> None:
         raws: list[Msg] = cast("list[Msg]", msg.raw_message)
+        inbounds = [to_inbound(raw) for raw in raws]
+        # The whole batch in one transaction, its effects published with one PubAck window, then the acks.
+        try:
+            results = await processor.process_batch(inbounds, span_for)
+        except Exception:
+            log.warning("batch of %d messages failed; handling them one at a time", len(raws), exc_info=True)
+        else:
+            for raw, result in zip(raws, results, strict=True):
+                await settle(raw, result)
+            return
+        # Fallback: one transaction per message, so that a poison message is isolated (dead-lettered) and
+        # the others still commit; a transient error naks the rest of the batch, keeping the order.
         for index, raw in enumerate(raws):
-            inbound = to_inbound(raw)
+            inbound = inbounds[index]
             try:
-                # A child of intake's span that appended the event (its traceparent is in the headers).
-                with telemetry.process_span(
-                    span_tracer,
-                    stream=STREAM_EVENTS,
-                    subject=raw.subject,
-                    data=inbound.data,
-                    parent=telemetry.extract(inbound.headers),
-                    consumer=CONSUMER_NOTIFIER,
-                ):
+                with span_for(inbound):
                     result = await processor.process(inbound)
             except Exception as exc:
                 if processor.is_last_delivery(inbound):
@@ -437,11 +544,7 @@ def build_router(
                     await later.nak(delay=retry_delay)
                 count("retried")
                 return
-            if result.outcome is Outcome.WAITING:
-                await raw.nak(delay=result.retry_in)
-            else:
-                await raw.ack()
-            count(result.outcome.value)
+            await settle(raw, result)
 
     return router
 
