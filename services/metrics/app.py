@@ -37,6 +37,7 @@ from starlette.responses import (
 from libs.contracts.catalog import Catalog
 from libs.contracts.catalog_file import CatalogError, load_catalog
 from libs.contracts.envelope import ID_PATTERN, SLUG_PATTERN
+from libs.contracts.publishing import jetstream_publish_many
 from libs.contracts.subjects import CONSUMER_METRICS, STREAM_EVENTS
 from libs.contracts.tracing import make_tracer_provider, send_span
 
@@ -230,7 +231,16 @@ def create_app(
         await business.on_facts(before, after)
         await live_feed.bump()
 
-    processor = MetricsProcessor(database, publish, observe=observe, on_facts=on_facts, clock=clock)
+    processor = MetricsProcessor(
+        database,
+        publish,
+        observe=observe,
+        on_facts=on_facts,
+        clock=clock,
+        publish_many=jetstream_publish_many(
+            lambda: broker.config.broker_config.connection_state.stream, tracer, publish
+        ),
+    )
     broker.include_router(
         build_router(
             processor,

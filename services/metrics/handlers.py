@@ -17,21 +17,25 @@ from __future__ import annotations
 
 import base64
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Protocol, cast
+from typing import Any, Protocol, cast
 
 from faststream.middlewares import AckPolicy
 from faststream.nats import JStream, NatsMessage, NatsRouter, PullSub
 from nats.aio.msg import Msg
+from opentelemetry import context as otel_context
 from opentelemetry import trace
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from libs.contracts import EVENT_MODELS, DeadLetter, dumps
 from libs.contracts import tracing as telemetry
 from libs.contracts.envelope import ID_RE
 from libs.contracts.notifications import FieldError
+from libs.contracts.publishing import Outgoing, PublishMany, sequential_publish_many
 from libs.contracts.subjects import (
     CONSUMER_METRICS,
     EVENTS_PREFIX,
@@ -83,6 +87,14 @@ async def _ignore_facts(_before: RequestFacts | None, _after: RequestFacts) -> N
     return None
 
 
+#: Opens the consumer span of one message (a context manager), e.g. ``telemetry.process_span``.
+SpanFactory = Callable[[Inbound], AbstractContextManager[Any]]
+
+
+def _no_span(_msg: Inbound) -> AbstractContextManager[Any]:
+    return nullcontext()
+
+
 #: Called after a request's facts changed (committed), e.g. to update Prometheus' business metrics.
 FactsObserver = Callable[[RequestFacts | None, RequestFacts], Awaitable[None]]
 
@@ -96,51 +108,102 @@ class MetricsProcessor:
         observe: Callable[[str, Outcome], None] = _ignore,
         on_facts: FactsObserver = _ignore_facts,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        publish_many: PublishMany | None = None,
     ) -> None:
         """``observe(event_type, outcome)`` is called once per processed message (for Prometheus);
-        ``on_facts(before, after)`` once per committed change of a request's facts."""
+        ``on_facts(before, after)`` once per committed change of a request's facts (a batch with several
+        events of one request reports one change: the facts before the batch and after it);
+        ``publish_many`` sends a batch's dead letters with one PubAck window (default: ``publish`` one by one)."""
         self.db = database
-        self.publish = publish
+        self._publish = publish
+        self.publish_many = publish_many or sequential_publish_many(publish)
         self.observe = observe
         self.on_facts = on_facts
         self.clock = clock
 
+    @property
+    def publish(self) -> Publish:
+        return self._publish
+
+    @publish.setter
+    def publish(self, publish: Publish) -> None:
+        """Replacing ``publish`` (a test's spy, a fault) routes every publish through it, batches included."""
+        self._publish = publish
+        self.publish_many = sequential_publish_many(publish)
+
     async def process(self, msg: Inbound) -> Outcome:
+        """One message in its own transaction (the fallback when a batch could not be stored at once)."""
+        return (await self.process_batch([msg], _no_span))[0]
+
+    async def process_batch(self, msgs: Sequence[Inbound], span: SpanFactory) -> list[Outcome]:
+        """Every message of a fetched batch in one transaction, committed once: each event stored (or found
+        stored), then the facts of each request it touched recomputed once, from all of its stored events.
+        After the commit: ``on_facts`` once per changed request, then the dead letters published (PubAcks
+        awaited together). Returns one outcome per message, in order; the caller acks only after this returned.
+
+        Any exception rolls the whole transaction back and is raised: the caller then handles the batch one
+        message at a time, which isolates a poison message. ``span(msg)`` opens the consumer span of a message.
+        """
+        outcomes: list[Outcome] = []
+        letters: list[Outgoing] = []
+        observed: list[tuple[str, Outcome]] = []
+        touched: dict[str, None] = {}  # request ids with a new event, in first-seen order
+        changed: list[tuple[RequestFacts | None, RequestFacts]] = []
+        now = self.clock()
+        async with self.db.transaction() as session:
+            for msg in msgs:
+                with span(msg):
+                    outcome, letter, kind = await self._store(session, msg, now, touched)
+                outcomes.append(outcome)
+                observed.append((kind, outcome))
+                if letter is not None:
+                    letters.append(letter)
+            for request_id in touched:
+                changed.append(await db.refresh_facts(session, request_id))
+        for before, after in changed:
+            await self.on_facts(before, after)
+        await self.publish_many(letters)
+        for kind, outcome in observed:
+            self.observe(kind, outcome)
+        return outcomes
+
+    async def _store(
+        self, session: AsyncSession, msg: Inbound, now: datetime, touched: dict[str, None]
+    ) -> tuple[Outcome, Outgoing | None, str]:
+        """One message inside the batch transaction: (outcome, dead letter to publish, event type label)."""
         checked = check_canonical(msg.subject, msg.data)
         if isinstance(checked, Poison):
-            await self._dead_letter(msg, checked.code, checked.message, list(checked.errors), checked.event_id)
-            self.observe(_subject_type(msg.subject), Outcome.DEAD_LETTERED)
-            return Outcome.DEAD_LETTERED
+            letter = self._letter(msg, checked.code, checked.message, list(checked.errors), checked.event_id)
+            return Outcome.DEAD_LETTERED, letter, _subject_type(msg.subject)
         event = checked.event
-        values = db.event_values(checked, msg.data.decode("utf-8", "replace"), msg.stream_sequence, self.clock())
-        changed: tuple[RequestFacts | None, RequestFacts] | None = None
-        async with self.db.transaction() as session:
-            stored = await db.insert_event(session, values)
-            if stored is db.Stored.INSERTED:
-                await db.add_parties(session, event.request_id, parties(event))
-                changed = await db.refresh_facts(session, event.request_id)
-        if changed is not None:
-            await self.on_facts(*changed)
+        values = db.event_values(checked, msg.data.decode("utf-8", "replace"), msg.stream_sequence, now)
+        stored = await db.insert_event(session, values)
+        if stored is db.Stored.INSERTED:
+            await db.add_parties(session, event.request_id, parties(event))
+            touched[event.request_id] = None
+            return Outcome.PROJECTED, None, event.type
         if stored is db.Stored.CONFLICT:
             message = (
                 f"event {event.event_id} (request {event.request_id}, sequence {checked.sequence}) conflicts with "
                 "a stored event: the event_id or the sequence is already taken"
             )
             log.warning("%s", message)
-            await self._dead_letter(msg, "sequence_conflict", message, [], event.event_id)
-            self.observe(event.type, Outcome.DEAD_LETTERED)
-            return Outcome.DEAD_LETTERED
-        outcome = Outcome.PROJECTED if stored is db.Stored.INSERTED else Outcome.DUPLICATE
-        self.observe(event.type, outcome)
-        return outcome
+            return (
+                Outcome.DEAD_LETTERED,
+                self._letter(msg, "sequence_conflict", message, [], event.event_id),
+                event.type,
+            )
+        return Outcome.DUPLICATE, None, event.type
 
     async def dead_letter_poison(self, msg: Inbound, error: BaseException) -> None:
         """Called on a message's last allowed delivery when processing keeps failing."""
-        await self._dead_letter(msg, "processing_failed", f"{type(error).__name__}: {error}"[:1000], [], None)
+        await self.publish_many(
+            [self._letter(msg, "processing_failed", f"{type(error).__name__}: {error}"[:1000], [], None)]
+        )
 
-    async def _dead_letter(
+    def _letter(
         self, msg: Inbound, code: str, message: str, errors: list[FieldError], event_id: str | None
-    ) -> None:
+    ) -> Outgoing:
         log.info("dead-lettering %s (%s): %s", msg.subject[:128], code, message[:300])
         letter = DeadLetter(
             dead_letter_id=f"dlq-{SERVICE}-{msg.stream_sequence}",
@@ -155,7 +218,9 @@ class MetricsProcessor:
             event_id=event_id if event_id and ID_RE.fullmatch(event_id) else None,
             dead_lettered_at=self.clock(),
         )
-        await self.publish(dlq_subject(SERVICE, code), dumps(letter), msg_id=letter.dead_letter_id, stream=STREAM_DLQ)
+        return Outgoing(
+            dlq_subject(SERVICE, code), dumps(letter), letter.dead_letter_id, STREAM_DLQ, otel_context.get_current()
+        )
 
 
 def _subject_type(subject: str) -> str:
@@ -184,6 +249,18 @@ def build_router(
     spec = next(c for c in SERVICE_CONSUMERS if c.durable == CONSUMER_METRICS)
     span_tracer = tracer or default_tracer
 
+    def span_for(inbound: Inbound) -> AbstractContextManager[Any]:
+        # A child of intake's span that appended the event (its traceparent is in the headers).
+        span: AbstractContextManager[Any] = telemetry.process_span(
+            span_tracer,
+            stream=STREAM_EVENTS,
+            subject=inbound.subject,
+            data=inbound.data,
+            parent=telemetry.extract(inbound.headers),
+            consumer=CONSUMER_METRICS,
+        )
+        return span
+
     @router.subscriber(
         f"{EVENTS_PREFIX}.>",
         stream=JStream(STREAM_EVENTS, declare=False),
@@ -196,18 +273,25 @@ def build_router(
     )
     async def on_events(body: list[bytes], msg: NatsMessage) -> None:
         raws: list[Msg] = cast("list[Msg]", msg.raw_message)
-        for index, raw in enumerate(raws):
-            inbound = to_inbound(raw)
+        inbounds = [to_inbound(raw) for raw in raws]
+        # Several messages: one transaction, the dead letters published with one PubAck window, then the acks
+        # (a batch of one goes straight to the per-message path below).
+        if len(raws) > 1:
             try:
-                # A child of intake's span that appended the event (its traceparent is in the headers).
-                with telemetry.process_span(
-                    span_tracer,
-                    stream=STREAM_EVENTS,
-                    subject=raw.subject,
-                    data=inbound.data,
-                    parent=telemetry.extract(inbound.headers),
-                    consumer=CONSUMER_METRICS,
-                ):
+                await processor.process_batch(inbounds, span_for)
+            except Exception:
+                log.warning("batch of %d messages failed; handling them one at a time", len(raws), exc_info=True)
+            else:
+                for raw in raws:
+                    await raw.ack()
+                return
+
+        # Fallback: one transaction per message, so that a poison message is isolated (dead-lettered) and
+        # the others still commit; a transient error naks the rest of the batch, keeping the order.
+        for index, raw in enumerate(raws):
+            inbound = inbounds[index]
+            try:
+                with span_for(inbound):
                     await processor.process(inbound)
             except Exception as exc:
                 if inbound.num_delivered >= spec.max_deliver:

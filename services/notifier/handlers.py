@@ -507,15 +507,18 @@ def build_router(
     async def on_events(body: list[bytes], msg: NatsMessage) -> None:
         raws: list[Msg] = cast("list[Msg]", msg.raw_message)
         inbounds = [to_inbound(raw) for raw in raws]
-        # The whole batch in one transaction, its effects published with one PubAck window, then the acks.
-        try:
-            results = await processor.process_batch(inbounds, span_for)
-        except Exception:
-            log.warning("batch of %d messages failed; handling them one at a time", len(raws), exc_info=True)
-        else:
-            for raw, result in zip(raws, results, strict=True):
-                await settle(raw, result)
-            return
+        # Several messages: one transaction, the effects published with one PubAck window, then the acks
+        # (a batch of one goes straight to the per-message path below).
+        if len(raws) > 1:
+            try:
+                results = await processor.process_batch(inbounds, span_for)
+            except Exception:
+                log.warning("batch of %d messages failed; handling them one at a time", len(raws), exc_info=True)
+            else:
+                for raw, result in zip(raws, results, strict=True):
+                    await settle(raw, result)
+                return
+
         # Fallback: one transaction per message, so that a poison message is isolated (dead-lettered) and
         # the others still commit; a transient error naks the rest of the batch, keeping the order.
         for index, raw in enumerate(raws):
