@@ -14,7 +14,7 @@ together (a PubAck window), instead of one publish-and-wait round trip per messa
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -32,6 +32,14 @@ class Outgoing:
     msg_id: str
     stream: str
     context: Context | None = None
+    #: Extra headers (e.g. ``Nats-Schedule*`` of an SLA timer); ``Nats-Msg-Id`` is added when ``msg_id`` is set.
+    headers: Mapping[str, str] | None = None
+
+    def all_headers(self) -> dict[str, str]:
+        out = dict(self.headers or {})
+        if self.msg_id:
+            out["Nats-Msg-Id"] = self.msg_id
+        return out
 
 
 class PublishOne(Protocol):
@@ -47,7 +55,7 @@ def dedupe(items: Sequence[Outgoing]) -> list[Outgoing]:
     seen: set[str] = set()
     out: list[Outgoing] = []
     for item in items:
-        if item.msg_id not in seen:
+        if not item.msg_id or item.msg_id not in seen:
             seen.add(item.msg_id)
             out.append(item)
     return out
@@ -65,27 +73,26 @@ def sequential_publish_many(publish: PublishOne) -> PublishMany:
 
 
 def jetstream_publish_many(
-    jetstream: Callable[[], Any], tracer: trace.Tracer, fallback: PublishOne, *, timeout: float = 10.0
+    jetstream: Callable[[], Any], tracer: trace.Tracer, fallback: PublishMany, *, timeout: float = 10.0
 ) -> PublishMany:
     """``PublishMany`` with a PubAck window: ``jetstream()`` returns the connected nats-py JetStream context.
 
     When it is not a nats-py ``JetStreamContext`` (FastStream's in-memory ``TestNatsBroker``), every message goes
-    through ``fallback``, one at a time."""
-    one_by_one = sequential_publish_many(fallback)
+    goes through ``fallback`` (e.g. ``sequential_publish_many(publish)``)."""
 
     async def publish_many(items: Sequence[Outgoing]) -> None:
         if not items:
             return
         js = jetstream()
         if not isinstance(js, JetStreamContext):
-            await one_by_one(items)
+            await fallback(items)
             return
         futures: list[asyncio.Future[Any]] = []
         try:
             for item in items:
                 with (
                     telemetry.within(item.context),
-                    telemetry.send_span(tracer, item.subject, item.body, {"Nats-Msg-Id": item.msg_id}) as headers,
+                    telemetry.send_span(tracer, item.subject, item.body, item.all_headers()) as headers,
                 ):
                     futures.append(
                         await js.publish_async(

@@ -37,7 +37,7 @@ from starlette.responses import (
 from libs.contracts.catalog import Catalog
 from libs.contracts.catalog_file import CatalogError, load_catalog
 from libs.contracts.envelope import ID_PATTERN, SLUG_PATTERN
-from libs.contracts.publishing import jetstream_publish_many
+from libs.contracts.publishing import jetstream_publish_many, sequential_publish_many
 from libs.contracts.subjects import CONSUMER_METRICS, STREAM_EVENTS
 from libs.contracts.tracing import make_tracer_provider, send_span
 
@@ -238,7 +238,7 @@ def create_app(
         on_facts=on_facts,
         clock=clock,
         publish_many=jetstream_publish_many(
-            lambda: broker.config.broker_config.connection_state.stream, tracer, publish
+            lambda: broker.config.broker_config.connection_state.stream, tracer, sequential_publish_many(publish)
         ),
     )
     broker.include_router(

@@ -21,7 +21,7 @@ from starlette.responses import JSONResponse
 from libs.contracts import Catalog
 from libs.contracts.catalog_file import load_catalog
 from libs.contracts.envelope import ID_PATTERN
-from libs.contracts.publishing import jetstream_publish_many
+from libs.contracts.publishing import jetstream_publish_many, sequential_publish_many
 from libs.contracts.subjects import CONSUMER_NOTIFIER, STREAM_EVENTS
 from libs.contracts.tokens import TokenRegistry
 from libs.contracts.tracing import make_tracer_provider, send_span
@@ -105,7 +105,7 @@ def create_app(
         metrics=metrics,
         on_deliveries=webhooks.wake,
         publish_many=jetstream_publish_many(
-            lambda: broker.config.broker_config.connection_state.stream, tracer, publish
+            lambda: broker.config.broker_config.connection_state.stream, tracer, sequential_publish_many(publish)
         ),
     )
     broker.include_router(

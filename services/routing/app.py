@@ -24,6 +24,7 @@ from starlette.responses import JSONResponse
 
 from libs.contracts import Catalog, loads
 from libs.contracts.envelope import ID_PATTERN
+from libs.contracts.publishing import jetstream_publish_many, sequential_publish_many
 from libs.contracts.subjects import (
     CONSUMER_ROUTING,
     CONSUMER_ROUTING_TIMERS,
@@ -37,7 +38,7 @@ from . import db
 from .business_time import BusinessCalendar
 from .catalog_watch import CatalogWatcher
 from .domain import business_amount, calendar_of
-from .handlers import DeliveryLimit, RoutingMetrics, RoutingProcessor, build_router
+from .handlers import DeliveryLimit, RoutingMetrics, RoutingProcessor, build_router, sequential_schedule_many
 from .settings import RoutingSettings
 from .tracking import Clock, Policy
 
@@ -117,8 +118,20 @@ def create_app(
         max_hops=settings.max_hops,
         quick_reassign_within=timedelta(seconds=settings.quick_reassign_within),
     )
+
+    def jetstream() -> Any:
+        return broker.config.broker_config.connection_state.stream
+
     processor = RoutingProcessor(
-        database, watcher.current, publish, metrics=metrics, schedule=schedule, pending=pending, policy=policy
+        database,
+        watcher.current,
+        publish,
+        metrics=metrics,
+        schedule=schedule,
+        pending=pending,
+        policy=policy,
+        publish_many=jetstream_publish_many(jetstream, tracer, sequential_publish_many(publish)),
+        schedule_many=jetstream_publish_many(jetstream, tracer, sequential_schedule_many(schedule)),
     )
 
     def catalog_changed(new: Catalog) -> None:

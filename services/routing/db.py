@@ -443,6 +443,14 @@ async def dirty_clocks(session: AsyncSession, request_id: str | None = None, lim
     return (await session.execute(stmt.order_by(ClockRow.clock_id).limit(limit))).scalars().all()
 
 
+async def dirty_clocks_of(session: AsyncSession, request_ids: Sequence[str]) -> Sequence[ClockRow]:
+    """The dirty clocks of these requests (one query for a whole batch)."""
+    if not request_ids:
+        return []
+    stmt = select(ClockRow).where(ClockRow.schedule_dirty.is_(True), ClockRow.request_id.in_(list(request_ids)))
+    return (await session.execute(stmt.order_by(ClockRow.clock_id))).scalars().all()
+
+
 async def overdue_clocks(session: AsyncSession, before: datetime, limit: int = 500) -> Sequence[ClockRow]:
     """Open clocks whose armed warning or breach time is older than ``before`` and has not been acted on."""
     stmt = (

@@ -35,10 +35,11 @@ from __future__ import annotations
 import base64
 import logging
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
-from typing import Annotated, Protocol, cast
+from typing import Annotated, Any, Protocol, cast
 
 import orjson
 from faststream.middlewares import AckPolicy
@@ -49,6 +50,7 @@ from opentelemetry import trace
 from prometheus_client import CollectorRegistry, Counter
 from pydantic import Field, ValidationError
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from libs.contracts import (
     SERVICE_TYPES,
@@ -65,6 +67,7 @@ from libs.contracts import tracing as telemetry
 from libs.contracts.envelope import ID_RE, RequestId, Slug, StrictModel, Timestamp
 from libs.contracts.events import SlaClock
 from libs.contracts.notifications import FieldError
+from libs.contracts.publishing import Outgoing, PublishMany, dedupe, sequential_publish_many
 from libs.contracts.subjects import (
     CONSUMER_ROUTING,
     CONSUMER_ROUTING_TIMERS,
@@ -243,108 +246,169 @@ class RoutingProcessor:
         schedule: Schedule | None = None,
         pending: Pending | None = None,
         policy: Policy | None = None,
+        publish_many: PublishMany | None = None,
+        schedule_many: PublishMany | None = None,
     ) -> None:
+        """``publish_many`` / ``schedule_many`` send a batch's events / timer schedules with one PubAck window
+        (default: ``publish`` / ``schedule`` one by one)."""
         self.db = database
         self.catalog = catalog  # replaced by the app when the catalog file changes
-        self.publish = publish
-        self.schedule = schedule
+        self._publish = publish
+        self.publish_many = publish_many or sequential_publish_many(publish)
+        self._schedule_fn = schedule
+        self.schedule_many = schedule_many or sequential_schedule_many(schedule)
         self.pending = pending
         self.clock = clock
         self.metrics = metrics
         self.policy = policy or Policy()
+
+    @property
+    def publish(self) -> Publish:
+        return self._publish
+
+    @publish.setter
+    def publish(self, publish: Publish) -> None:
+        """Replacing ``publish`` (a test's spy, a fault) routes every publish through it, batches included."""
+        self._publish = publish
+        self.publish_many = sequential_publish_many(publish)
+
+    @property
+    def schedule(self) -> Schedule | None:
+        return self._schedule_fn
+
+    @schedule.setter
+    def schedule(self, schedule: Schedule | None) -> None:
+        self._schedule_fn = schedule
+        self.schedule_many = sequential_schedule_many(schedule)
 
     def _context(self) -> Context:
         return Context(self.catalog, self.policy, self.clock())
 
     # --- the canonical log ---------------------------------------------------------------------
     async def process(self, msg: Inbound) -> Outcome:
+        """One message in its own transaction (the fallback when a batch could not be recorded at once)."""
+        for attempt in range(2):
+            try:
+                async with self.db.transaction() as session:
+                    decided = await self._decide(session, msg)
+                break
+            except IntegrityError:
+                # Another routing replica recorded this event first: read what it stored.
+                if attempt:
+                    raise
+                log.info("event recorded concurrently; reading the stored outcome")
+        await self._after_commit([decided])
+        return decided.outcome
+
+    async def process_batch(self, msgs: Sequence[Inbound], span: SpanFactory) -> list[Outcome]:
+        """Every message of a fetched batch in one transaction, committed once; then every event to emit
+        published (PubAcks awaited together), then the timers of every request touched scheduled (likewise).
+        Returns one outcome per message, in order; the caller acks only after this returned.
+
+        Events of one request inside the batch are recorded in stream order on the same session. Any exception
+        (a sequence gap, a concurrent replica, a database error) rolls the whole transaction back and is
+        raised: the caller then handles the batch one message at a time, which isolates a poison message and
+        naks from the failing one on. A failure after the commit is repaired the same way (redelivered events
+        are found processed and their stored rows published again, deduplicated by ``Nats-Msg-Id``).
+        """
+        decisions: list[_Decided] = []
+        async with self.db.transaction() as session:
+            for msg in msgs:
+                with span(msg):
+                    decisions.append(await self._decide(session, msg))
+        await self._after_commit(decisions)
+        return [d.outcome for d in decisions]
+
+    async def _decide(self, session: AsyncSession, msg: Inbound) -> _Decided:
+        context = otel_context.get_current()
         try:
             event = parse_event(msg.data)
         except ValidationError as exc:
             errors = error_list(exc)
             code = "malformed_json" if any(e.code == "json_invalid" for e in errors) else "validation_failed"
             summary = "; ".join(f"{'.'.join(map(str, e.loc)) or '(root)'}: {e.message}" for e in errors[:5])
-            await self._dead_letter(msg, code, f"not a valid canonical event: {summary}"[:1000], errors)
-            return Outcome.DEAD_LETTERED
+            letter = self._letter(msg, code, f"not a valid canonical event: {summary}"[:1000], errors)
+            return _Decided(Outcome.DEAD_LETTERED, context, letter=letter)
         expected = event_subject(event.request_id, event.type)
         if msg.subject != expected:
-            await self._dead_letter(
-                msg, "subject_mismatch", f"event belongs on {expected}, not {msg.subject[:256]}", []
+            letter = self._letter(msg, "subject_mismatch", f"event belongs on {expected}, not {msg.subject[:256]}", [])
+            return _Decided(Outcome.DEAD_LETTERED, context, letter=letter)
+        rows, outcome = await self._record_in(session, event, msg.stream_sequence)
+        return _Decided(outcome, context, rows=list(rows), request_id=event.request_id)
+
+    async def _after_commit(self, decisions: Sequence[_Decided]) -> None:
+        """Publish what the committed decisions emit (on a crash here, redelivery finds the rows and publishes
+        them again), count the new ones, then schedule the timers of the requests they touched."""
+        outgoing: list[Outgoing] = []
+        new_rows: list[db.OutboxRow] = []
+        touched: dict[str, otel_context.Context] = {}
+        for d in decisions:
+            if d.letter is not None:
+                outgoing.append(d.letter)
+            outgoing.extend(
+                Outgoing(EMIT_SUBJECTS[r.event_type], r.body.encode(), r.event_id, STREAM_IN, d.context) for r in d.rows
             )
-            return Outcome.DEAD_LETTERED
+            if d.outcome in (Outcome.ROUTED, Outcome.APPLIED):
+                new_rows.extend(d.rows)
+            if d.request_id is not None:
+                touched[d.request_id] = d.context
+        await self.publish_many(dedupe(outgoing))
+        self._count_new(new_rows)
+        await self.arm_requests(touched)
 
-        rows, outcome = await self._record(event, msg.stream_sequence)
-        # Published after the commit; on a crash here, redelivery finds the rows and publishes them again.
-        await self._publish_rows(rows)
-        if outcome in (Outcome.ROUTED, Outcome.APPLIED):
-            self._count_new(rows)
-        await self.arm(event.request_id)
-        return outcome
-
-    async def _record(self, event: LifecycleEvent, stream_seq: int) -> tuple[Sequence[db.OutboxRow], Outcome]:
-        for attempt in range(2):
-            try:
-                return await self._record_once(event, stream_seq)
-            except IntegrityError:
-                # Another routing replica recorded this event first: read what it stored.
-                if attempt:
-                    raise
-                log.info("event recorded concurrently; reading the stored outcome")
-        raise AssertionError("unreachable")  # pragma: no cover
-
-    async def _record_once(self, event: LifecycleEvent, stream_seq: int) -> tuple[Sequence[db.OutboxRow], Outcome]:
-        async with self.db.transaction() as session:
-            if await db.is_processed(session, event.event_id):
+    async def _record_in(
+        self, session: AsyncSession, event: LifecycleEvent, stream_seq: int
+    ) -> tuple[Sequence[db.OutboxRow], Outcome]:
+        """Record one event in the caller's transaction: the rows to publish and the outcome."""
+        if await db.is_processed(session, event.event_id):
+            return await db.outbox_caused_by(session, event.event_id), Outcome.REPUBLISHED
+        track, stored = await db.load_track(session, event.request_id, lock=True)
+        ctx = self._context()
+        if track is None:
+            if not isinstance(event, Created):
+                return [], Outcome.IGNORED  # a request routing never saw created (older than its database)
+            track, emits = start(event, ctx)
+            outcome = Outcome.ROUTED
+        elif isinstance(event, Created):
+            return [], Outcome.IGNORED  # the request exists already (intake refuses such a duplicate)
+        else:
+            sequence = event.sequence
+            if sequence is not None and sequence <= track.last_sequence:
                 return await db.outbox_caused_by(session, event.event_id), Outcome.REPUBLISHED
-            track, stored = await db.load_track(session, event.request_id, lock=True)
-            ctx = self._context()
-            if track is None:
-                if not isinstance(event, Created):
-                    return [], Outcome.IGNORED  # a request routing never saw created (older than its database)
-                track, emits = start(event, ctx)
-                outcome = Outcome.ROUTED
-            elif isinstance(event, Created):
-                return [], Outcome.IGNORED  # the request exists already (intake refuses such a duplicate)
-            else:
-                sequence = event.sequence
-                if sequence is not None and sequence <= track.last_sequence:
-                    return await db.outbox_caused_by(session, event.event_id), Outcome.REPUBLISHED
-                if sequence is not None and sequence > track.last_sequence + 1:
-                    raise SequenceGap(
-                        f"{event.request_id}: event {sequence} before {track.last_sequence + 1} was applied"
+            if sequence is not None and sequence > track.last_sequence + 1:
+                raise SequenceGap(f"{event.request_id}: event {sequence} before {track.last_sequence + 1} was applied")
+            emits = follow_event(track, event, ctx)
+            outcome = Outcome.APPLIED
+        track.last_stream_seq = max(track.last_stream_seq, stream_seq)
+        db.save_track(session, track, stored, wanted_timers(track, ctx), ctx.now)
+        if outcome is Outcome.ROUTED and stored.request is not None:
+            stored.request.trace_parent = telemetry.current_traceparent()
+        rows = db.add_outbox(session, emits, event.event_id, ctx.now)
+        for emitted in emits:
+            if isinstance(emitted, Routed):
+                session.add(
+                    db.DecisionRow(
+                        event_id=emitted.event_id,
+                        caused_by=emitted.caused_by,
+                        request_id=emitted.request_id,
+                        provider_department=emitted.provider_department,
+                        rule=emitted.rule,
+                        reason=emitted.reason,
+                        accept_by=emitted.accept_by,
+                        resolve_by=emitted.resolve_by,
+                        routed=dumps(emitted).decode(),
+                        decided_at=emitted.occurred_at,
                     )
-                emits = follow_event(track, event, ctx)
-                outcome = Outcome.APPLIED
-            track.last_stream_seq = max(track.last_stream_seq, stream_seq)
-            db.save_track(session, track, stored, wanted_timers(track, ctx), ctx.now)
-            if outcome is Outcome.ROUTED and stored.request is not None:
-                stored.request.trace_parent = telemetry.current_traceparent()
-            rows = db.add_outbox(session, emits, event.event_id, ctx.now)
-            for emitted in emits:
-                if isinstance(emitted, Routed):
-                    session.add(
-                        db.DecisionRow(
-                            event_id=emitted.event_id,
-                            caused_by=emitted.caused_by,
-                            request_id=emitted.request_id,
-                            provider_department=emitted.provider_department,
-                            rule=emitted.rule,
-                            reason=emitted.reason,
-                            accept_by=emitted.accept_by,
-                            resolve_by=emitted.resolve_by,
-                            routed=dumps(emitted).decode(),
-                            decided_at=emitted.occurred_at,
-                        )
-                    )
-            session.add(
-                db.ProcessedEventRow(
-                    event_id=event.event_id,
-                    request_id=event.request_id,
-                    event_type=event.type,
-                    processed_at=ctx.now,
                 )
+        session.add(
+            db.ProcessedEventRow(
+                event_id=event.event_id,
+                request_id=event.request_id,
+                event_type=event.type,
+                processed_at=ctx.now,
             )
-            return rows, outcome
+        )
+        return rows, outcome
 
     async def _publish_rows(self, rows: Sequence[db.OutboxRow]) -> None:
         for row in rows:
@@ -449,6 +513,39 @@ class RoutingProcessor:
                     await db.mark_scheduled(session, clock_id, version)
         return sent
 
+    async def arm_requests(self, requests: dict[str, otel_context.Context]) -> int:
+        """Schedule the timers of every dirty clock of these requests (each schedule in the trace context
+        given for its request), with one PubAck window; returns how many were sent."""
+        if self.schedule is None or not requests:
+            return 0
+        async with self.db.transaction() as session:
+            rows = await db.dirty_clocks_of(session, list(requests))
+            work = [(row.clock_id, row.request_id, row.schedule_version, db.timer_specs(row)) for row in rows]
+        items = [self._schedule_item(spec, requests.get(rid)) for _c, rid, _v, specs in work for spec in specs]
+        await self.schedule_many(items)
+        if self.metrics is not None and items:
+            self.metrics.scheduled.inc(len(items))
+        if work:
+            async with self.db.transaction() as session:
+                for clock_id, _rid, version, _specs in work:
+                    await db.mark_scheduled(session, clock_id, version)
+        return len(items)
+
+    @staticmethod
+    def _schedule_item(spec: TimerSpec, context: otel_context.Context | None) -> Outgoing:
+        body = TimerDue(
+            request_id=spec.request_id,
+            department=spec.department,
+            clock=spec.clock,
+            episode=spec.episode,
+            kind=spec.kind,
+            due_at=spec.due_at,
+        )
+        subject = timer_schedule_subject(
+            spec.request_id, spec.department, spec.clock.value, spec.episode, spec.kind.value
+        )
+        return Outgoing(subject, dumps(body), "", STREAM_TIMERS, context, schedule_headers(spec))
+
     async def _schedule(self, spec: TimerSpec) -> None:
         assert self.schedule is not None
         body = TimerDue(
@@ -489,6 +586,9 @@ class RoutingProcessor:
         await self._dead_letter(msg, "processing_failed", f"{type(error).__name__}: {error}"[:1000], [])
 
     async def _dead_letter(self, msg: Inbound, code: str, message: str, errors: list[FieldError]) -> None:
+        await self.publish_many([self._letter(msg, code, message, errors)])
+
+    def _letter(self, msg: Inbound, code: str, message: str, errors: list[FieldError]) -> Outgoing:
         log.warning("dead-lettering %s (%s): %s", msg.subject[:128], code, message[:200])
         prefix = "dlq-routing-timers" if msg.subject.startswith(TIMER_DUE_PREFIX) else "dlq-routing"
         letter = DeadLetter(
@@ -504,7 +604,36 @@ class RoutingProcessor:
             event_id=_event_id_of(msg.data),
             dead_lettered_at=self.clock(),
         )
-        await self.publish(dlq_subject(SERVICE, code), dumps(letter), msg_id=letter.dead_letter_id, stream=STREAM_DLQ)
+        return Outgoing(
+            dlq_subject(SERVICE, code), dumps(letter), letter.dead_letter_id, STREAM_DLQ, otel_context.get_current()
+        )
+
+
+def sequential_schedule_many(schedule: Schedule | None) -> PublishMany:
+    """Timer schedules one at a time through ``schedule`` (each waits for its PubAck)."""
+
+    async def schedule_many(items: Sequence[Outgoing]) -> None:
+        for item in items:
+            assert schedule is not None
+            with telemetry.within(item.context):
+                await schedule(item.subject, item.body, headers=dict(item.headers or {}))
+
+    return schedule_many
+
+
+@dataclass(frozen=True)
+class _Decided:
+    """One canonical event's outcome inside a transaction, and what to do once it committed."""
+
+    outcome: Outcome
+    context: otel_context.Context
+    rows: list[db.OutboxRow] = field(default_factory=list)
+    letter: Outgoing | None = None
+    request_id: str | None = None
+
+
+#: Opens the consumer span of one message (a context manager), e.g. ``telemetry.process_span``.
+SpanFactory = Callable[[Inbound], AbstractContextManager[Any]]
 
 
 def _summary(doc: dict[str, object]) -> str:
@@ -550,6 +679,18 @@ def build_router(
         if metrics is not None:
             metrics.messages.labels(outcome).inc()
 
+    def span_for(inbound: Inbound) -> AbstractContextManager[Any]:
+        # A child of intake's span that appended the event (its traceparent is in the headers).
+        span: AbstractContextManager[Any] = telemetry.process_span(
+            span_tracer,
+            stream=STREAM_EVENTS,
+            subject=inbound.subject,
+            data=inbound.data,
+            parent=telemetry.extract(inbound.headers),
+            consumer=CONSUMER_ROUTING,
+        )
+        return span
+
     @router.subscriber(
         f"{EVENTS_PREFIX}.>",
         stream=JStream(STREAM_EVENTS, declare=False),
@@ -562,18 +703,28 @@ def build_router(
     )
     async def on_event(body: list[bytes], msg: NatsMessage) -> None:
         raws: list[Msg] = cast("list[Msg]", msg.raw_message)
-        for index, raw in enumerate(raws):
-            inbound = to_inbound(raw)
+        inbounds = [to_inbound(raw) for raw in raws]
+        # Several messages: one transaction, the effects published with one PubAck window, then the acks
+        # (a batch of one goes straight to the per-message path below).
+        if len(raws) > 1:
             try:
-                # A child of intake's span that appended the event (its traceparent is in the headers).
-                with telemetry.process_span(
-                    span_tracer,
-                    stream=STREAM_EVENTS,
-                    subject=raw.subject,
-                    data=inbound.data,
-                    parent=telemetry.extract(inbound.headers),
-                    consumer=CONSUMER_ROUTING,
-                ):
+                outcomes = await processor.process_batch(inbounds, span_for)
+            except Exception as exc:
+                if isinstance(exc, SequenceGap):
+                    log.info("batch of %d messages: %s; handling them one at a time", len(raws), exc)
+                else:
+                    log.warning("batch of %d messages failed; handling them one at a time", len(raws), exc_info=True)
+            else:
+                for raw, outcome in zip(raws, outcomes, strict=True):
+                    await raw.ack()
+                    count(outcome.value)
+                return
+        # Fallback: one transaction per message, so that a poison message is isolated (dead-lettered) and
+        # the others still commit; a failure naks the rest of the batch, keeping the order.
+        for index, raw in enumerate(raws):
+            inbound = inbounds[index]
+            try:
+                with span_for(inbound):
                     outcome = await processor.process(inbound)
             except Exception as exc:
                 if limit.is_last(inbound.num_delivered):
