@@ -17,6 +17,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from prometheus_client import CollectorRegistry, make_asgi_app
 from starlette.responses import JSONResponse
 
+from libs.contracts.publishing import jetstream_publish_many, sequential_publish_many
 from libs.contracts.subjects import CONSUMER_INTAKE, STREAM_IN
 from libs.contracts.tokens import TokenRegistry
 from libs.contracts.tracing import make_tracer_provider, send_span
@@ -63,7 +64,13 @@ def create_app(settings: IntakeSettings, *, tracer_provider: TracerProvider | No
         with send_span(tracer, subject, body, {"Nats-Msg-Id": msg_id}) as headers:
             await broker.publish(body, subject, headers=headers, stream=stream, timeout=10)
 
-    processor = IntakeProcessor(database, publish)
+    processor = IntakeProcessor(
+        database,
+        publish,
+        publish_many=jetstream_publish_many(
+            lambda: broker.config.broker_config.connection_state.stream, tracer, sequential_publish_many(publish)
+        ),
+    )
     tokens = TokenRegistry(settings.tokens_path)
     if settings.tokens_path is None:
         log.warning("no token file (BATON_INTAKE_TOKENS_PATH): the HTTP API refuses every call")

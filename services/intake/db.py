@@ -191,7 +191,9 @@ async def find_event(session: AsyncSession, event_id: str) -> EventRow | None:
 
 
 async def load_request(session: AsyncSession, request_id: str, *, for_update: bool) -> RequestRow | None:
-    stmt = select(RequestRow).where(RequestRow.request_id == request_id)
+    # populate_existing: a batch decides several events of a request on one session, and the UPDATE in
+    # save_state bypasses the identity map: always read the row as the database has it now.
+    stmt = select(RequestRow).where(RequestRow.request_id == request_id).execution_options(populate_existing=True)
     if for_update:
         stmt = stmt.with_for_update()
     return (await session.execute(stmt)).scalar_one_or_none()

@@ -17,16 +17,18 @@ import asyncio
 import base64
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
-from typing import Protocol, cast
+from typing import Any, Protocol, cast
 
 import nats.errors
 from faststream.middlewares import AckPolicy
 from faststream.nats import JStream, NatsMessage, NatsRouter, PullSub
 from nats.aio.msg import Msg
+from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.context import Context
 from sqlalchemy import select
@@ -37,6 +39,7 @@ from libs.contracts import DeadLetter, LifecycleEvent, Rejection, dumps
 from libs.contracts import tracing as telemetry
 from libs.contracts.envelope import ID_RE
 from libs.contracts.notifications import FieldError, RejectionCode
+from libs.contracts.publishing import Outgoing, PublishMany, dedupe, sequential_publish_many
 from libs.contracts.subjects import (
     CONSUMER_INTAKE,
     INBOUND_PREFIX,
@@ -79,6 +82,10 @@ class Publish(Protocol):
     def __call__(self, subject: str, body: bytes, *, msg_id: str, stream: str) -> Awaitable[None]: ...
 
 
+#: Opens the consumer span of one message given its request's stored traceparent (``None``: unknown request).
+SpanFactory = Callable[["Inbound", str | None], AbstractContextManager[Any]]
+
+
 class Outcome(StrEnum):
     APPLIED = "applied"
     DUPLICATE = "duplicate"
@@ -119,10 +126,76 @@ class IntakeProcessor:
         database: db.Database,
         publish: Publish,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        publish_many: PublishMany | None = None,
     ) -> None:
+        """``publish_many`` sends a batch's canonical events with one PubAck window (default: ``publish`` one by
+        one)."""
         self.db = database
-        self.publish = publish
+        self._publish = publish
+        self.publish_many = publish_many or sequential_publish_many(publish)
         self.clock = clock
+
+    @property
+    def publish(self) -> Publish:
+        return self._publish
+
+    @publish.setter
+    def publish(self, publish: Publish) -> None:
+        """Replacing ``publish`` (a test's spy, a fault) routes every publish through it, batches included."""
+        self._publish = publish
+        self.publish_many = sequential_publish_many(publish)
+
+    async def process_batch(self, msgs: Sequence[Inbound], span: SpanFactory) -> list[Outcome]:
+        """Every message of a fetched batch in one transaction, committed once; then every canonical event
+        published in order with one PubAck window; then the refusals (recorded, dead-lettered and notified one
+        by one, as :meth:`process` does). Returns one outcome per message, in order; the caller acks only after
+        this returned.
+
+        Events of one request inside the batch are decided in stream order on the same session (each sees the
+        state the previous one left). Any exception rolls the whole transaction back and is raised: the caller
+        then handles the batch one message at a time (with its in-place retries), which isolates a poison
+        message. A failure after the commit is repaired the same way: the applied events are then found by
+        event_id and their stored canonical bytes published again (``Nats-Msg-Id`` = event_id).
+        ``span(msg, anchor)`` opens the consumer span of a message, given its request's stored traceparent.
+        """
+        decisions: list[tuple[Outcome, Outgoing | None, tuple[Refusal, Checked | Rejected] | None]] = []
+        async with self.db.transaction() as session:
+            for msg in msgs:
+                anchor = await self._anchor_in(session, msg.data)
+                with span(msg, anchor):
+                    decisions.append(await self._decide_in(session, msg))
+        await self.publish_many(dedupe([out for _o, out, _r in decisions if out is not None]))
+        for msg, (_outcome, _out, refused) in zip(msgs, decisions, strict=True):
+            if refused is not None:
+                await self._reject(msg, *refused)
+        return [outcome for outcome, _out, _r in decisions]
+
+    async def _anchor_in(self, session: AsyncSession, data: bytes) -> str | None:
+        request_id = telemetry.event_attributes("", data).get(telemetry.REQUEST_ID)
+        if not request_id:
+            return None
+        trace_parent, trace_id = await db.trace_anchor(session, str(request_id))
+        return trace_parent or telemetry.legacy_anchor(trace_id)
+
+    async def _decide_in(
+        self, session: AsyncSession, msg: Inbound
+    ) -> tuple[Outcome, Outgoing | None, tuple[Refusal, Checked | Rejected] | None]:
+        """One message inside the batch transaction: its outcome, the canonical event to publish, or the
+        refusal to record once the batch committed."""
+        checked = check_inbound(msg.subject, msg.data)
+        if isinstance(checked, Rejected):
+            return Outcome.REJECTED, None, (checked.refusal, checked)
+        result = await self._apply_in(session, checked)
+        if isinstance(result, Refusal):
+            return Outcome.REJECTED, None, (result, checked)
+        out = Outgoing(
+            event_subject(result.request_id, result.type),
+            result.canonical.encode(),
+            result.event_id,
+            STREAM_EVENTS,
+            otel_context.get_current(),
+        )
+        return (Outcome.DUPLICATE if result.duplicate else Outcome.APPLIED), out, None
 
     async def process(self, msg: Inbound) -> Outcome:
         checked = check_inbound(msg.subject, msg.data)
@@ -164,24 +237,27 @@ class IntakeProcessor:
         return result
 
     async def _apply(self, checked: Checked, outbox: bool = False) -> Appended | Refusal:
-        event = checked.event
         async with self.db.transaction() as session:
-            existing = await db.find_event(session, event.event_id)
-            if existing is not None:
-                if existing.payload_hash != checked.payload_hash:
-                    return Refusal(
-                        RejectionCode.ID_CONFLICT,
-                        f"event_id {event.event_id} was already used for a different event",
-                        (FieldError(loc=["event_id"], code="id_conflict", message="already used"),),
-                    )
-                return Appended.of(existing, duplicate=True)
-            row, refusal = await self._decide_and_append(session, event)
-            if refusal is not None:
-                return refusal
-            assert row is not None
-            if outbox:
-                session.add(db.PendingPublish(event_id=row.event_id, created_at=row.recorded_at))
-            return Appended.of(row, duplicate=False)
+            return await self._apply_in(session, checked, outbox)
+
+    async def _apply_in(self, session: AsyncSession, checked: Checked, outbox: bool = False) -> Appended | Refusal:
+        event = checked.event
+        existing = await db.find_event(session, event.event_id)
+        if existing is not None:
+            if existing.payload_hash != checked.payload_hash:
+                return Refusal(
+                    RejectionCode.ID_CONFLICT,
+                    f"event_id {event.event_id} was already used for a different event",
+                    (FieldError(loc=["event_id"], code="id_conflict", message="already used"),),
+                )
+            return Appended.of(existing, duplicate=True)
+        row, refusal = await self._decide_and_append(session, event)
+        if refusal is not None:
+            return refusal
+        assert row is not None
+        if outbox:
+            session.add(db.PendingPublish(event_id=row.event_id, created_at=row.recorded_at))
+        return Appended.of(row, duplicate=False)
 
     async def _publish_canonical(self, event_id: str, request_id: str, event_type: str, canonical: str) -> None:
         await self.publish(
@@ -386,6 +462,19 @@ def build_router(
     router = NatsRouter()
     spec = next(c for c in SERVICE_CONSUMERS if c.durable == CONSUMER_INTAKE)
 
+    def span_for(inbound: Inbound, anchor: str | None) -> AbstractContextManager[Any]:
+        parent, links = telemetry.request_parent(anchor, telemetry.extract(inbound.headers))
+        span: AbstractContextManager[Any] = telemetry.process_span(
+            tracer,
+            stream=STREAM_IN,
+            subject=inbound.subject,
+            data=inbound.data,
+            parent=parent,
+            consumer=CONSUMER_INTAKE,
+            links=links,
+        )
+        return span
+
     @router.subscriber(
         f"{INBOUND_PREFIX}.>",
         stream=JStream(STREAM_IN, declare=False),
@@ -398,8 +487,21 @@ def build_router(
     )
     async def on_inbound(body: list[bytes], msg: NatsMessage) -> None:
         raws: list[Msg] = cast("list[Msg]", msg.raw_message)
+        inbounds = [to_inbound(raw) for raw in raws]
+        # Several messages: one transaction, the canonical events published with one PubAck window, then the
+        # acks (a batch of one goes straight to the per-message path below).
+        if len(raws) > 1:
+            try:
+                await processor.process_batch(inbounds, span_for)
+            except Exception:
+                log.warning("batch of %d messages failed; handling them one at a time", len(raws), exc_info=True)
+            else:
+                for raw in raws:
+                    await raw.ack()
+                return
+        # One at a time: transient failures retried in place, a poison isolated, the order kept.
         for index, raw in enumerate(raws):
-            inbound = to_inbound(raw)
+            inbound = inbounds[index]
             settled = await _process_in_place(processor, tracer, raw, inbound, retry_delay)
             if settled:
                 continue

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Callable, Sequence
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +36,11 @@ from libs.contracts.subjects import (
     STREAM_EVENTS,
     STREAM_IN,
     STREAM_NOTIFY,
+    inbound_subject,
+    service_subject,
 )
+from services.intake.app import create_app as create_intake
+from services.intake.settings import IntakeSettings
 from services.metrics.app import create_app as create_metrics
 from services.metrics.settings import MetricsSettings
 from services.notifier import handlers as notifier_handlers
@@ -44,6 +49,7 @@ from services.notifier.handlers import NotifierProcessor, Outcome
 from services.notifier.settings import NotifierSettings
 from services.routing.app import create_app as create_routing
 from services.routing.settings import RoutingSettings
+from tests import intake_events
 from tests.conftest import MakeDatabaseUrl
 from tests.integration.test_notifier_nats import new_rid, publish_event, stream_messages, summary
 from tests.notifier_events import EXPECTED, lifecycle
@@ -305,3 +311,45 @@ async def test_routing_follows_a_whole_lifecycle_in_one_batch(
     emitted = [orjson.loads(m.data) for m in await stream_messages(nc, STREAM_IN)]
     routed = sorted(e["request_id"] for e in emitted if e.get("type") == "routed")
     assert routed == sorted(rids)
+
+
+# --- intake ---------------------------------------------------------------------------------------------------
+async def test_intake_appends_a_batch_in_order_and_refuses_the_bad_one_alone(
+    provisioned_nats: str, make_database_url: MakeDatabaseUrl, tmp_path: Path, nc: NATS
+) -> None:
+    rid = intake_events.new_rid()
+    accepted = intake_events.env("accepted", rid, "it", 2) | {
+        "assignee": "Sam",
+        "eta": (intake_events.T0 + timedelta(days=1)).isoformat(),
+    }
+    delayed = intake_events.env("delayed", rid, "it", 3) | {
+        "reason": "backorder",
+        "new_eta": (intake_events.T0 + timedelta(days=2)).isoformat(),
+    }
+    await intake_events.publish(nc, inbound_subject("marketing", "created"), intake_events.created(rid))
+    await intake_events.publish(nc, service_subject("routing", "routed"), intake_events.routed(rid))
+    await intake_events.publish(nc, inbound_subject("it", "accepted"), accepted)
+    await intake_events.publish(nc, inbound_subject("it", "accepted"), b"{not json")  # refused, alone
+    await intake_events.publish(nc, inbound_subject("it", "delayed"), delayed)
+    app = create_intake(
+        IntakeSettings(
+            nats_url=provisioned_nats,
+            database_url=make_database_url("intake"),
+            fetch_timeout=0.2,
+            retry_delay=0.2,
+            tokens_path=tmp_path / "tokens.yaml",
+        )
+    )
+    paths = Paths()
+    paths.wrap(app.state.processor)
+    async with app.router.lifespan_context(app):
+        await intake_events.intake_settled(nc, within=60.0)
+
+    print(f"batches (size, committed): {paths.batches}; one at a time: {paths.single}")
+    assert paths.batches == [(5, True)]  # one batch, committed at once
+    assert paths.single == []
+    log = await intake_events.read_stream(nc, STREAM_EVENTS, f"baton.events.{rid}.*", 4)
+    assert [(e["type"], e["sequence"]) for e in log] == [("created", 1), ("routed", 2), ("accepted", 3), ("delayed", 4)]
+    assert len({e["trace_id"] for e in log}) == 1  # the later events joined the trace their created started
+    dead = [DeadLetter.model_validate_json(m.data) for m in await stream_messages(nc, STREAM_DLQ)]
+    assert [(d.code, d.original_stream_sequence) for d in dead] == [("malformed_json", 4)]

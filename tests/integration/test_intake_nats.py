@@ -191,15 +191,15 @@ async def test_a_transient_failure_does_not_let_a_later_event_overtake(intake: A
     await read_stream(nc, STREAM_EVENTS, f"baton.events.{rid}.routed", 1)
 
     processor = intake.state.processor
-    real_apply = processor._apply
+    real_apply = processor._apply_in  # inside the transaction: the batch path and the one-at-a-time path
     failures = [OperationalError("UPDATE requests", {}, Exception("database is locked"))] * 2
 
-    async def hiccup(checked: Any, outbox: bool = False) -> Any:
+    async def hiccup(session: Any, checked: Any, outbox: bool = False) -> Any:
         if checked.event.type == "accepted" and failures:
             raise failures.pop()
-        return await real_apply(checked, outbox)
+        return await real_apply(session, checked, outbox)
 
-    processor._apply = hiccup
+    processor._apply_in = hiccup
     accepted = env("accepted", rid, "it", 2) | {"assignee": "Sam", "eta": (T0 + timedelta(days=1)).isoformat()}
     delayed = env("delayed", rid, "it", 3) | {"reason": "backorder", "new_eta": (T0 + timedelta(days=2)).isoformat()}
     await publish(nc, inbound_subject("it", "accepted"), accepted)
