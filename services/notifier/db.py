@@ -10,7 +10,7 @@ created are added at start (:func:`create_schema`), always nullable.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Collection, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -535,4 +535,60 @@ async def unpublished_before(session: AsyncSession, request_id: str, sequence: i
         )
         .order_by(OutboxRow.sequence, OutboxRow.position)
     )
+    return list((await session.execute(stmt)).scalars())
+
+
+# --- a batch's reads, one query per table ----------------------------------------------------------
+
+
+async def processed_among(session: AsyncSession, event_ids: Collection[str]) -> set[str]:
+    """Which of these events were applied already."""
+    if not event_ids:
+        return set()
+    stmt = select(ProcessedEventRow.event_id).where(ProcessedEventRow.event_id.in_(sorted(event_ids)))
+    return set((await session.execute(stmt)).scalars())
+
+
+async def load_projections(
+    session: AsyncSession, request_ids: Collection[str], *, for_update: bool
+) -> dict[str, ProjectionRow]:
+    if not request_ids:
+        return {}
+    stmt = (
+        select(ProjectionRow)
+        .where(ProjectionRow.request_id.in_(sorted(request_ids)))
+        .order_by(ProjectionRow.request_id)  # one lock order for every replica (PostgreSQL)
+        .execution_options(populate_existing=True)
+    )
+    if for_update:
+        stmt = stmt.with_for_update()
+    return {row.request_id: row for row in (await session.execute(stmt)).scalars()}
+
+
+async def unpublished_of(session: AsyncSession, request_ids: Collection[str]) -> dict[str, list[OutboxRow]]:
+    """Immediate notifications of these requests not confirmed published, in sequence order per request."""
+    if not request_ids:
+        return {}
+    stmt = (
+        select(OutboxRow)
+        .where(
+            OutboxRow.request_id.in_(sorted(request_ids)),
+            OutboxRow.published_at.is_(None),
+            or_(OutboxRow.delivery.is_(None), OutboxRow.delivery == Delivery.IMMEDIATE.value),
+        )
+        .order_by(OutboxRow.sequence, OutboxRow.position)
+    )
+    out: dict[str, list[OutboxRow]] = {}
+    for row in (await session.execute(stmt)).scalars():
+        out.setdefault(row.request_id, []).append(row)
+    return out
+
+
+async def all_preferences(session: AsyncSession) -> dict[str, PreferenceRow]:
+    """Every department's delivery choices (one row per department that made one)."""
+    return {row.department: row for row in (await session.execute(select(PreferenceRow))).scalars()}
+
+
+async def all_active_webhooks(session: AsyncSession) -> list[WebhookRow]:
+    stmt = select(WebhookRow).where(WebhookRow.active.is_(True)).order_by(WebhookRow.created_at, WebhookRow.id)
     return list((await session.execute(stmt)).scalars())

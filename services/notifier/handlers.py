@@ -32,6 +32,7 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any, Protocol, cast
 
+import orjson
 from faststream.middlewares import AckPolicy
 from faststream.nats import JStream, NatsMessage, NatsRouter, PullSub
 from nats.aio.msg import Msg
@@ -58,7 +59,7 @@ from libs.contracts.subjects import (
 )
 
 from . import db
-from .domain import Delivery, Directory, Order, Poison, check_event, gap_delay, order, plan
+from .domain import Delivery, Directory, Order, Poison, Projection, check_event, gap_delay, order, plan
 
 log = logging.getLogger("baton.notifier")
 default_tracer = trace.get_tracer("baton.notifier")
@@ -160,6 +161,66 @@ class _Decided:
     queued: int = 0
 
 
+class _BatchCache:
+    """What applying a batch needs, read with one query per table instead of several queries per event.
+
+    The projections are kept here while the batch's events are applied in order and written once per request
+    by :meth:`save`, each guarded by the sequence it was read at (as :func:`db.save_projection` does).
+    """
+
+    def __init__(
+        self,
+        processed: set[str],
+        rows: dict[str, db.ProjectionRow],
+        unpublished: dict[str, list[db.OutboxRow]],
+        prefs: dict[str, db.PreferenceRow],
+        hooks: list[db.WebhookRow],
+    ) -> None:
+        self.processed = processed
+        self.rows = rows
+        self.current: dict[str, Projection] = {rid: row.to_projection() for rid, row in rows.items()}
+        self.changed: dict[str, datetime] = {}
+        self.unpublished = unpublished
+        self.prefs = prefs
+        self.hooks = hooks
+
+    @classmethod
+    async def read(cls, session: AsyncSession, msgs: Sequence[Inbound], *, for_update: bool) -> _BatchCache:
+        event_ids: set[str] = set()
+        request_ids: set[str] = set()
+        for msg in msgs:
+            try:
+                doc = orjson.loads(msg.data)
+            except orjson.JSONDecodeError:
+                continue
+            if isinstance(doc, dict):
+                if isinstance(doc.get("event_id"), str):
+                    event_ids.add(doc["event_id"])
+                if isinstance(doc.get("request_id"), str):
+                    request_ids.add(doc["request_id"])
+        return cls(
+            await db.processed_among(session, event_ids),
+            await db.load_projections(session, request_ids, for_update=for_update),
+            await db.unpublished_of(session, request_ids),
+            await db.all_preferences(session),
+            await db.all_active_webhooks(session),
+        )
+
+    def projection(self, request_id: str) -> tuple[db.ProjectionRow | None, Projection | None]:
+        return self.rows.get(request_id), self.current.get(request_id)
+
+    def advance(self, request_id: str, projection: Projection, now: datetime) -> None:
+        self.current[request_id] = projection
+        self.changed[request_id] = now
+
+    def unpublished_before(self, request_id: str, sequence: int) -> list[db.OutboxRow]:
+        return [r for r in self.unpublished.get(request_id, []) if r.sequence < sequence]
+
+    async def save(self, session: AsyncSession) -> None:
+        for request_id, now in self.changed.items():
+            await db.save_projection(session, self.rows.get(request_id), self.current[request_id], now)
+
+
 #: Opens the consumer span of one message (a context manager), e.g. ``telemetry.process_span``.
 SpanFactory = Callable[[Inbound], AbstractContextManager[Any]]
 
@@ -234,9 +295,11 @@ class NotifierProcessor:
         """
         decisions: list[_Decided] = []
         async with self.db.transaction() as session:
+            cache = await _BatchCache.read(session, msgs, for_update=self.db.is_postgres)
             for msg in msgs:
                 with span(msg):
-                    decisions.append(await self._decide(session, msg))
+                    decisions.append(await self._decide(session, msg, cache))
+            await cache.save(session)
         outgoing: list[Outgoing] = []
         notification_ids: list[str] = []
         for decided in decisions:
@@ -246,7 +309,7 @@ class NotifierProcessor:
         await self._publish_effects(outgoing, notification_ids)
         return [d.result for d in decisions]
 
-    async def _decide(self, session: AsyncSession, msg: Inbound) -> _Decided:
+    async def _decide(self, session: AsyncSession, msg: Inbound, cache: _BatchCache | None = None) -> _Decided:
         """What one message does, inside the caller's transaction: its writes, its result, what to publish."""
         context = otel_context.get_current()
         try:
@@ -260,7 +323,7 @@ class NotifierProcessor:
         if poison is not None:
             return _Decided(Result(Outcome.DEAD_LETTERED), [self._letter(msg, poison.code, poison.message, [], event)])
 
-        step = await self._apply(session, event)
+        step = await self._apply(session, event, cache)
         if isinstance(step, Poison):
             return _Decided(Result(Outcome.DEAD_LETTERED), [self._letter(msg, step.code, step.message, [], event)])
         if isinstance(step, _Gap):
@@ -281,16 +344,28 @@ class NotifierProcessor:
         if decided.queued and self.on_deliveries is not None:
             self.on_deliveries()
 
-    async def _apply(self, session: AsyncSession, event: LifecycleEvent) -> _Applied | _Gap | Poison:
-        """Find the event or apply it (in the caller's transaction); returns the notifications to publish."""
+    async def _apply(
+        self, session: AsyncSession, event: LifecycleEvent, cache: _BatchCache | None = None
+    ) -> _Applied | _Gap | Poison:
+        """Find the event or apply it (in the caller's transaction); returns the notifications to publish.
+
+        With ``cache`` (a batch), what the batch needs was read once for all of its events, the projections are
+        written once per request at the end (:meth:`_BatchCache.save`), and nothing is flushed per event."""
         assert event.sequence is not None  # check_event
-        if await db.find_processed(session, event.event_id) is not None:
+        if cache is not None:
+            processed = event.event_id in cache.processed
+        else:
+            processed = await db.find_processed(session, event.event_id) is not None
+        if processed:
             earlier = await db.unpublished_before(session, event.request_id, event.sequence)
             rows = [*earlier, *await db.event_outbox(session, event.event_id)]
             return _Applied([_pending(r) for r in rows if r.immediate and r.published_at is None], replay=True)
 
-        row = await db.load_projection(session, event.request_id, for_update=self.db.is_postgres)
-        before = row.to_projection() if row is not None else None
+        if cache is not None:
+            row, before = cache.projection(event.request_id)
+        else:
+            row = await db.load_projection(session, event.request_id, for_update=self.db.is_postgres)
+            before = row.to_projection() if row is not None else None
         last = before.last_sequence if before is not None else 0
         decision = order(last, event.sequence)
         if decision is Order.GAP:
@@ -306,7 +381,11 @@ class NotifierProcessor:
         planned = plan(before, event, self.directory, now)
         if isinstance(planned, Poison):
             return planned
-        await db.save_projection(session, row, planned.projection, now)
+        if cache is not None:
+            cache.advance(event.request_id, planned.projection, now)
+            cache.processed.add(event.event_id)
+        else:
+            await db.save_projection(session, row, planned.projection, now)
         session.add(
             db.ProcessedEventRow(
                 event_id=event.event_id,
@@ -319,12 +398,15 @@ class NotifierProcessor:
         # An earlier event's notifications whose publish failed (its redelivery is pending) go out first,
         # so that every department's stream stays in sequence order; the copies are deduplicated. In a batch
         # these include the earlier events of the same request applied just before (published once).
-        pending: list[_Pending] = [
-            _pending(r) for r in await db.unpublished_before(session, event.request_id, event.sequence)
-        ]
-        departments = [n.department for n in planned.notifications]
-        prefs = await db.preferences(session, departments)
-        hooks = await db.active_webhooks(session, departments)
+        if cache is not None:
+            earlier = cache.unpublished_before(event.request_id, event.sequence)
+            prefs, hooks = cache.prefs, cache.hooks
+        else:
+            earlier = await db.unpublished_before(session, event.request_id, event.sequence)
+            departments = [n.department for n in planned.notifications]
+            prefs = await db.preferences(session, departments)
+            hooks = await db.active_webhooks(session, departments)
+        pending: list[_Pending] = [_pending(r) for r in earlier]
         traceparent = current_traceparent()
         counted: list[tuple[str, str]] = []
         queued = 0
@@ -364,7 +446,8 @@ class NotifierProcessor:
                 traceparent=traceparent,
                 now=now,
             )
-        await session.flush()
+        if cache is None:
+            await session.flush()
         return _Applied(pending, replay=False, counted=counted, queued=queued)
 
     async def _publish_effects(self, outgoing: list[Outgoing], notification_ids: list[str]) -> None:
