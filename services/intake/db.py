@@ -6,7 +6,7 @@ SQLAlchemy 2 (async). SQLite is the embedded default, PostgreSQL the production 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Collection
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -188,6 +188,31 @@ class Database:
 
 async def find_event(session: AsyncSession, event_id: str) -> EventRow | None:
     return await session.get(EventRow, event_id)
+
+
+async def find_events(session: AsyncSession, event_ids: Collection[str]) -> dict[str, EventRow]:
+    """The stored events among these ids (one query for a whole batch)."""
+    if not event_ids:
+        return {}
+    stmt = select(EventRow).where(EventRow.event_id.in_(sorted(event_ids)))
+    return {row.event_id: row for row in (await session.execute(stmt)).scalars()}
+
+
+async def load_requests(
+    session: AsyncSession, request_ids: Collection[str], *, for_update: bool
+) -> dict[str, RequestRow]:
+    """The rows of these requests (one query for a whole batch; locked in one order on PostgreSQL)."""
+    if not request_ids:
+        return {}
+    stmt = (
+        select(RequestRow)
+        .where(RequestRow.request_id.in_(sorted(request_ids)))
+        .order_by(RequestRow.request_id)
+        .execution_options(populate_existing=True)
+    )
+    if for_update:
+        stmt = stmt.with_for_update()
+    return {row.request_id: row for row in (await session.execute(stmt)).scalars()}
 
 
 async def load_request(session: AsyncSession, request_id: str, *, for_update: bool) -> RequestRow | None:

@@ -25,6 +25,7 @@ from enum import StrEnum
 from typing import Any, Protocol, cast
 
 import nats.errors
+import orjson
 from faststream.middlewares import AckPolicy
 from faststream.nats import JStream, NatsMessage, NatsRouter, PullSub
 from nats.aio.msg import Msg
@@ -80,6 +81,68 @@ class Publish(Protocol):
     """Publish ``body`` to ``subject`` on ``stream`` with ``Nats-Msg-Id``; returns once the PubAck arrived."""
 
     def __call__(self, subject: str, body: bytes, *, msg_id: str, stream: str) -> Awaitable[None]: ...
+
+
+class _BatchCache:
+    """What deciding a batch needs, read with one query per table instead of several queries per message.
+
+    The request states are kept here while the batch's events are decided in order, and written once per
+    request by :meth:`save`, each guarded by the sequence it was read at (as :func:`db.save_state` does).
+    """
+
+    def __init__(self, events: dict[str, db.EventRow], rows: dict[str, db.RequestRow]) -> None:
+        self.events = events
+        self.rows = rows
+        self.states: dict[str, RequestState] = {rid: row.to_state() for rid, row in rows.items()}
+        self.trace_parents: dict[str, str | None] = {rid: row.trace_parent for rid, row in rows.items()}
+        self.changed: dict[str, datetime] = {}
+
+    @classmethod
+    async def read(cls, session: AsyncSession, msgs: Sequence[Inbound], *, for_update: bool) -> _BatchCache:
+        event_ids: set[str] = set()
+        request_ids: set[str] = set()
+        for msg in msgs:
+            event_id, request_id = _ids_of(msg.data)
+            if event_id:
+                event_ids.add(event_id)
+            if request_id:
+                request_ids.add(request_id)
+        return cls(
+            await db.find_events(session, event_ids),
+            await db.load_requests(session, request_ids, for_update=for_update),
+        )
+
+    def anchor(self, data: bytes) -> str | None:
+        """The stored traceparent of the request's first span (as :meth:`IntakeProcessor.trace_anchor`)."""
+        _event_id, request_id = _ids_of(data)
+        if request_id is None or request_id not in self.states:
+            return None
+        return self.trace_parents.get(request_id) or telemetry.legacy_anchor(self.states[request_id].trace_id)
+
+    def advance(self, state: RequestState, now: datetime) -> None:
+        self.states[state.request_id] = state
+        self.changed[state.request_id] = now
+
+    async def save(self, session: AsyncSession) -> None:
+        for request_id, now in self.changed.items():
+            row = self.rows.get(request_id)
+            trace_parent = self.trace_parents.get(request_id) if row is None else None
+            await db.save_state(session, row, self.states[request_id], now, trace_parent=trace_parent)
+
+
+def _ids_of(data: bytes) -> tuple[str | None, str | None]:
+    """``(event_id, request_id)`` of a body, when it is a JSON object carrying them as strings."""
+    try:
+        doc = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return None, None
+    if not isinstance(doc, dict):
+        return None, None
+    event_id, request_id = doc.get("event_id"), doc.get("request_id")
+    return (
+        event_id if isinstance(event_id, str) else None,
+        request_id if isinstance(request_id, str) else None,
+    )
 
 
 #: Opens the consumer span of one message given its request's stored traceparent (``None``: unknown request).
@@ -160,32 +223,26 @@ class IntakeProcessor:
         """
         decisions: list[tuple[Outcome, Outgoing | None, tuple[Refusal, Checked | Rejected] | None]] = []
         async with self.db.transaction() as session:
+            cache = await _BatchCache.read(session, msgs, for_update=self.db.is_postgres)
             for msg in msgs:
-                anchor = await self._anchor_in(session, msg.data)
-                with span(msg, anchor):
-                    decisions.append(await self._decide_in(session, msg))
+                with span(msg, cache.anchor(msg.data)):
+                    decisions.append(await self._decide_in(session, msg, cache))
+            await cache.save(session)
         await self.publish_many(dedupe([out for _o, out, _r in decisions if out is not None]))
         for msg, (_outcome, _out, refused) in zip(msgs, decisions, strict=True):
             if refused is not None:
                 await self._reject(msg, *refused)
         return [outcome for outcome, _out, _r in decisions]
 
-    async def _anchor_in(self, session: AsyncSession, data: bytes) -> str | None:
-        request_id = telemetry.event_attributes("", data).get(telemetry.REQUEST_ID)
-        if not request_id:
-            return None
-        trace_parent, trace_id = await db.trace_anchor(session, str(request_id))
-        return trace_parent or telemetry.legacy_anchor(trace_id)
-
     async def _decide_in(
-        self, session: AsyncSession, msg: Inbound
+        self, session: AsyncSession, msg: Inbound, cache: _BatchCache
     ) -> tuple[Outcome, Outgoing | None, tuple[Refusal, Checked | Rejected] | None]:
         """One message inside the batch transaction: its outcome, the canonical event to publish, or the
         refusal to record once the batch committed."""
         checked = check_inbound(msg.subject, msg.data)
         if isinstance(checked, Rejected):
             return Outcome.REJECTED, None, (checked.refusal, checked)
-        result = await self._apply_in(session, checked)
+        result = self._apply_cached(session, checked, cache)
         if isinstance(result, Refusal):
             return Outcome.REJECTED, None, (result, checked)
         out = Outgoing(
@@ -258,6 +315,43 @@ class IntakeProcessor:
         if outbox:
             session.add(db.PendingPublish(event_id=row.event_id, created_at=row.recorded_at))
         return Appended.of(row, duplicate=False)
+
+    def _apply_cached(self, session: AsyncSession, checked: Checked, cache: _BatchCache) -> Appended | Refusal:
+        """:meth:`_apply_in` for a batch: the events and requests were read once for the whole batch
+        (``cache``); the request rows are written once per request by :meth:`_BatchCache.save`."""
+        event = checked.event
+        existing = cache.events.get(event.event_id)
+        if existing is not None:
+            if existing.payload_hash != checked.payload_hash:
+                return Refusal(
+                    RejectionCode.ID_CONFLICT,
+                    f"event_id {event.event_id} was already used for a different event",
+                    (FieldError(loc=["event_id"], code="id_conflict", message="already used"),),
+                )
+            return Appended.of(existing, duplicate=True)
+        current = cache.states.get(event.request_id)
+        result = decide(current, event)
+        if isinstance(result, Refusal):
+            return result
+        now = self.clock()
+        trace_id = result.trace_id if current is not None else _current_trace_id()
+        new_state: RequestState = result if current is not None else _with_trace(result, trace_id)
+        canonical = stamp(event, new_state.last_sequence, now, new_state.trace_id)
+        if current is None:
+            cache.trace_parents[event.request_id] = telemetry.current_traceparent()
+        cache.advance(new_state, now)
+        event_row = db.EventRow(
+            event_id=event.event_id,
+            request_id=event.request_id,
+            sequence=new_state.last_sequence,
+            type=event.type,
+            payload_hash=payload_hash(event),
+            canonical=dumps(canonical).decode(),
+            recorded_at=now,
+        )
+        session.add(event_row)
+        cache.events[event.event_id] = event_row
+        return Appended.of(event_row, duplicate=False)
 
     async def _publish_canonical(self, event_id: str, request_id: str, event_type: str, canonical: str) -> None:
         await self.publish(

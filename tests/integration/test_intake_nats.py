@@ -181,7 +181,9 @@ async def test_illegal_transition_is_refused_and_changes_nothing(intake: Any, nc
     assert [e["type"] for e in log] == ["created", "routed"]
 
 
-async def test_a_transient_failure_does_not_let_a_later_event_overtake(intake: Any, nc: NATS) -> None:
+async def test_a_transient_failure_does_not_let_a_later_event_overtake(
+    intake: Any, nc: NATS, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The database hiccups on 'accepted'; the 'delayed' right behind it must still come after it."""
     from sqlalchemy.exc import OperationalError
 
@@ -190,16 +192,17 @@ async def test_a_transient_failure_does_not_let_a_later_event_overtake(intake: A
     await publish(nc, service_subject("routing", "routed"), routed(rid))
     await read_stream(nc, STREAM_EVENTS, f"baton.events.{rid}.routed", 1)
 
-    processor = intake.state.processor
-    real_apply = processor._apply_in  # inside the transaction: the batch path and the one-at-a-time path
+    from services.intake import handlers
+
+    real_decide = handlers.decide  # inside the transaction, on the batch path and the one-at-a-time path alike
     failures = [OperationalError("UPDATE requests", {}, Exception("database is locked"))] * 2
 
-    async def hiccup(session: Any, checked: Any, outbox: bool = False) -> Any:
-        if checked.event.type == "accepted" and failures:
+    def hiccup(current: Any, event: Any) -> Any:
+        if event.type == "accepted" and failures:
             raise failures.pop()
-        return await real_apply(session, checked, outbox)
+        return real_decide(current, event)
 
-    processor._apply_in = hiccup
+    monkeypatch.setattr(handlers, "decide", hiccup)
     accepted = env("accepted", rid, "it", 2) | {"assignee": "Sam", "eta": (T0 + timedelta(days=1)).isoformat()}
     delayed = env("delayed", rid, "it", 3) | {"reason": "backorder", "new_eta": (T0 + timedelta(days=2)).isoformat()}
     await publish(nc, inbound_subject("it", "accepted"), accepted)
