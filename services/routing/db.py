@@ -12,7 +12,7 @@ instead of building a new event. A clock row also records the timers it wants ar
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Collection, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -284,6 +284,37 @@ async def load_track(session: AsyncSession, request_id: str, *, lock: bool = Fal
     return _track(row, clock_rows), Stored(row, clock_rows)
 
 
+async def processed_among(session: AsyncSession, event_ids: Collection[str]) -> set[str]:
+    """Which of these events were processed already (one query for a whole batch)."""
+    if not event_ids:
+        return set()
+    stmt = select(ProcessedEventRow.event_id).where(ProcessedEventRow.event_id.in_(sorted(event_ids)))
+    return set((await session.execute(stmt)).scalars())
+
+
+async def load_tracks(session: AsyncSession, request_ids: Collection[str], *, lock: bool) -> dict[str, Stored]:
+    """The rows of these requests and of their clocks (two queries for a whole batch)."""
+    if not request_ids:
+        return {}
+    ids = sorted(request_ids)
+    stmt = select(RequestRow).where(RequestRow.request_id.in_(ids)).order_by(RequestRow.request_id)
+    if lock:
+        stmt = stmt.with_for_update()
+    requests = {row.request_id: row for row in (await session.execute(stmt)).scalars()}
+    clocks: dict[str, list[ClockRow]] = {rid: [] for rid in requests}
+    clock_stmt = select(ClockRow).where(ClockRow.request_id.in_(ids)).order_by(ClockRow.request_id, ClockRow.position)
+    for crow in (await session.execute(clock_stmt)).scalars():
+        clocks.setdefault(crow.request_id, []).append(crow)
+    return {rid: Stored(row, clocks[rid]) for rid, row in requests.items()}
+
+
+def track_of(stored: Stored) -> Track | None:
+    """The track held by ``stored`` (rows as loaded, or as ``save_track`` left them in this session)."""
+    if stored.request is None:
+        return None
+    return _track(stored.request, sorted(stored.clocks.values(), key=lambda c: c.position))
+
+
 def _track(row: RequestRow, clock_rows: list[ClockRow]) -> Track:
     return Track(
         request_id=row.request_id,
@@ -322,7 +353,7 @@ def _clock(row: ClockRow) -> Clock:
         kind=SlaClock(row.kind),
         episode=row.episode,
         target=timedelta(microseconds=row.target_us),
-        opened_at=_must(row.opened_at),
+        opened_at=_must(aware(row.opened_at)),
         consumed=timedelta(microseconds=row.consumed_us),
         running_since=aware(row.running_since),
         closed_at=aware(row.closed_at),
