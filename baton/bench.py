@@ -27,6 +27,7 @@ import json
 import math
 import multiprocessing
 import os
+import shutil
 import statistics
 import tempfile
 import time
@@ -82,6 +83,8 @@ class BenchConfig:
     #: Embedded stack only: services to run under cProfile (a ``sitecustomize`` hook on PYTHONPATH; no
     #: service code changes). Each writes ``<out_dir>/<timestamp>-<service>.prof`` when it stops.
     profile: tuple[str, ...] = ()
+    #: Embedded stack only: copy the services' and nats-server's logs here before the stack is removed.
+    keep_logs: Path | None = None
 
 
 PROFILE_HOOK = """\
@@ -569,6 +572,8 @@ class Bench:
             if stack is not None:
                 await stack.stop()
             if tmp is not None:
+                if cfg.keep_logs is not None and (Path(tmp.name) / "logs").is_dir():
+                    shutil.copytree(Path(tmp.name) / "logs", cfg.keep_logs, dirs_exist_ok=True)
                 tmp.cleanup()
 
     async def _measure(self, publishers: int) -> tuple[dict[str, Any], Path]:

@@ -27,6 +27,9 @@ def bench(
     profile: Annotated[
         str, typer.Option(help="Comma-separated services to run under cProfile (embedded stack; slows them).")
     ] = "",
+    keep_logs: Annotated[
+        Path | None, typer.Option(help="Embedded stack: copy the services' logs into this directory at the end.")
+    ] = None,
 ) -> None:
     """Measure Baton's end-to-end throughput and latency next to the raw NATS limit (same run, same broker)."""
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
@@ -41,6 +44,7 @@ def bench(
         out_dir=out,
         drain_timeout=drain_timeout,
         profile=tuple(p for p in profile.split(",") if p),
+        keep_logs=keep_logs,
     )
     result, path = asyncio.run(Bench(config, echo=typer.echo).run())
     typer.echo("")

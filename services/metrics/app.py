@@ -132,6 +132,7 @@ class BusinessMetrics:
             "baton_escalations", "SLA escalations by department and clock.", ["department", "clock"], registry=registry
         )
         self._departments: set[str] = set()
+        self._open_stale = False
 
     async def on_facts(self, before: RequestFacts | None, after: RequestFacts) -> None:
         try:
@@ -145,7 +146,17 @@ class BusinessMetrics:
             for dept, clock in change.escalations:
                 self.escalations.labels(dept, clock).inc()
             if before is None or before.holder != after.holder or before.state != after.state:
-                await self.refresh_open()
+                self._open_stale = True  # recounted once per batch, by settle()
+        except Exception:  # metrics about metrics must never fail the projection
+            log.warning("could not update business metrics", exc_info=True)
+
+    async def settle(self) -> None:
+        """After a batch's facts changed: recount the open requests once (a query over every request)."""
+        if not self._open_stale:
+            return
+        self._open_stale = False
+        try:
+            await self.refresh_open()
         except Exception:  # metrics about metrics must never fail the projection
             log.warning("could not update business metrics", exc_info=True)
 
@@ -236,6 +247,7 @@ def create_app(
         publish,
         observe=observe,
         on_facts=on_facts,
+        on_batch=business.settle,
         clock=clock,
         publish_many=jetstream_publish_many(
             lambda: broker.config.broker_config.connection_state.stream, tracer, sequential_publish_many(publish)

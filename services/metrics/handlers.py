@@ -109,6 +109,7 @@ class MetricsProcessor:
         on_facts: FactsObserver = _ignore_facts,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         publish_many: PublishMany | None = None,
+        on_batch: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         """``observe(event_type, outcome)`` is called once per processed message (for Prometheus);
         ``on_facts(before, after)`` once per committed change of a request's facts (a batch with several
@@ -119,6 +120,7 @@ class MetricsProcessor:
         self.publish_many = publish_many or sequential_publish_many(publish)
         self.observe = observe
         self.on_facts = on_facts
+        self.on_batch = on_batch  # once per batch, after its on_facts calls (e.g. a recount they made stale)
         self.clock = clock
 
     @property
@@ -162,6 +164,8 @@ class MetricsProcessor:
                 changed.append(await db.refresh_facts(session, request_id))
         for before, after in changed:
             await self.on_facts(before, after)
+        if changed and self.on_batch is not None:
+            await self.on_batch()
         await self.publish_many(letters)
         for kind, outcome in observed:
             self.observe(kind, outcome)
