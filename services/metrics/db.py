@@ -167,6 +167,51 @@ async def add_parties(session: AsyncSession, request_id: str, parties: Iterable[
         await session.execute(_insert(session, PartyRow.__table__).values(rows))
 
 
+async def insert_events(session: AsyncSession, rows: Sequence[dict[str, Any]]) -> list[Stored]:
+    """:func:`insert_event` for a whole batch, in two statements: one multi-row ``INSERT ... ON CONFLICT DO
+    NOTHING RETURNING event_id``, then one read of the rows that were not new. One result per row, in order
+    (the same event twice in a batch: the first is inserted, the second a duplicate)."""
+    if not rows:
+        return []
+    table = EventRow.__table__
+    # executemany with RETURNING: SQLAlchemy sends it as multi-row INSERTs (insertmanyvalues), compiled once.
+    result = await session.execute(_insert(session, table).returning(table.c.event_id), list(rows))
+    inserted = set(result.scalars())
+    firsts: set[str] = set()
+    others: set[str] = set()
+    for row in rows:
+        eid = row["event_id"]
+        if eid in inserted and eid not in firsts:
+            firsts.add(eid)
+        else:
+            others.add(eid)
+    existing: dict[str, tuple[str, int]] = {}
+    if others:
+        stmt = select(EventRow.event_id, EventRow.request_id, EventRow.sequence).where(
+            EventRow.event_id.in_(sorted(others))
+        )
+        existing = {eid: (rid, seq) for eid, rid, seq in (await session.execute(stmt)).all()}
+    out: list[Stored] = []
+    taken: set[str] = set()
+    for row in rows:
+        eid = row["event_id"]
+        if eid in inserted and eid not in taken:
+            taken.add(eid)
+            out.append(Stored.INSERTED)
+        elif existing.get(eid) == (row["request_id"], row["sequence"]):
+            out.append(Stored.DUPLICATE)
+        else:
+            out.append(Stored.CONFLICT)
+    return out
+
+
+async def add_parties_many(session: AsyncSession, rows: Iterable[tuple[str, str, Role]]) -> None:
+    """Every ``(request_id, department, role)`` of a batch in one statement (already known ones ignored)."""
+    values = [{"request_id": rid, "department": dept, "role": role.value} for rid, dept, role in sorted(set(rows))]
+    if values:
+        await session.execute(_insert(session, PartyRow.__table__), values)
+
+
 async def request_events(session: AsyncSession, request_id: str) -> list[EventRow]:
     stmt = select(EventRow).where(EventRow.request_id == request_id).order_by(EventRow.sequence)
     return list((await session.execute(stmt)).scalars())
@@ -239,6 +284,30 @@ async def refresh_facts(session: AsyncSession, request_id: str) -> tuple[Request
             setattr(existing, key, value)
     await session.flush()
     return before, after
+
+
+async def refresh_facts_many(
+    session: AsyncSession, request_ids: Sequence[str]
+) -> list[tuple[RequestFacts | None, RequestFacts]]:
+    """:func:`refresh_facts` for every request a batch touched: their events and facts read in two queries."""
+    if not request_ids:
+        return []
+    events = await events_of(session, request_ids)
+    stmt = select(FactsRow).where(FactsRow.request_id.in_(sorted(set(request_ids))))
+    existing = {row.request_id: row for row in (await session.execute(stmt)).scalars()}
+    out: list[tuple[RequestFacts | None, RequestFacts]] = []
+    for request_id in request_ids:
+        after = build_facts(parse_event(r.canonical) for r in events[request_id])
+        row = existing.get(request_id)
+        before = RequestFacts.model_validate_json(row.facts) if row is not None else None
+        values = facts_values(after)
+        if row is None:
+            session.add(FactsRow(**values))
+        else:
+            for key, value in values.items():
+                setattr(row, key, value)
+        out.append((before, after))
+    return out
 
 
 async def load_facts(session: AsyncSession, since: datetime | None = None) -> list[RequestFacts]:

@@ -29,12 +29,11 @@ from faststream.nats import JStream, NatsMessage, NatsRouter, PullSub
 from nats.aio.msg import Msg
 from opentelemetry import context as otel_context
 from opentelemetry import trace
-from sqlalchemy.ext.asyncio import AsyncSession
 
 from libs.contracts import EVENT_MODELS, DeadLetter, dumps
 from libs.contracts import tracing as telemetry
 from libs.contracts.envelope import ID_RE
-from libs.contracts.notifications import FieldError
+from libs.contracts.notifications import FieldError, Role
 from libs.contracts.publishing import Outgoing, PublishMany, sequential_publish_many
 from libs.contracts.subjects import (
     CONSUMER_METRICS,
@@ -46,7 +45,7 @@ from libs.contracts.subjects import (
 )
 
 from . import db
-from .domain import Poison, check_canonical, parties
+from .domain import Canonical, Poison, check_canonical, parties
 from .facts import RequestFacts
 
 log = logging.getLogger("baton.metrics")
@@ -146,22 +145,33 @@ class MetricsProcessor:
         Any exception rolls the whole transaction back and is raised: the caller then handles the batch one
         message at a time, which isolates a poison message. ``span(msg)`` opens the consumer span of a message.
         """
-        outcomes: list[Outcome] = []
         letters: list[Outgoing] = []
         observed: list[tuple[str, Outcome]] = []
-        touched: dict[str, None] = {}  # request ids with a new event, in first-seen order
-        changed: list[tuple[RequestFacts | None, RequestFacts]] = []
         now = self.clock()
         async with self.db.transaction() as session:
+            checked: list[Canonical | Poison] = []
             for msg in msgs:
                 with span(msg):
-                    outcome, letter, kind = await self._store(session, msg, now, touched)
+                    checked.append(check_canonical(msg.subject, msg.data))
+            valid = [(msg, c) for msg, c in zip(msgs, checked, strict=True) if not isinstance(c, Poison)]
+            rows = [db.event_values(c, m.data.decode("utf-8", "replace"), m.stream_sequence, now) for m, c in valid]
+            stored = iter(await db.insert_events(session, rows))
+            touched: dict[str, None] = {}  # request ids with a new event, in first-seen order
+            new_parties: list[tuple[str, str, Role]] = []
+            outcomes: list[Outcome] = []
+            for msg, result in zip(msgs, checked, strict=True):
+                outcome, letter, kind = self._outcome(
+                    msg, result, next(stored) if isinstance(result, Canonical) else None
+                )
+                if outcome is Outcome.PROJECTED and isinstance(result, Canonical):
+                    touched[result.event.request_id] = None
+                    new_parties.extend((result.event.request_id, d, r) for d, r in parties(result.event))
                 outcomes.append(outcome)
                 observed.append((kind, outcome))
                 if letter is not None:
                     letters.append(letter)
-            for request_id in touched:
-                changed.append(await db.refresh_facts(session, request_id))
+            await db.add_parties_many(session, new_parties)
+            changed = await db.refresh_facts_many(session, list(touched))
         for before, after in changed:
             await self.on_facts(before, after)
         if changed and self.on_batch is not None:
@@ -171,20 +181,15 @@ class MetricsProcessor:
             self.observe(kind, outcome)
         return outcomes
 
-    async def _store(
-        self, session: AsyncSession, msg: Inbound, now: datetime, touched: dict[str, None]
+    def _outcome(
+        self, msg: Inbound, checked: Canonical | Poison, stored: db.Stored | None
     ) -> tuple[Outcome, Outgoing | None, str]:
-        """One message inside the batch transaction: (outcome, dead letter to publish, event type label)."""
-        checked = check_canonical(msg.subject, msg.data)
+        """One message's outcome once the batch was stored: (outcome, dead letter to publish, event type label)."""
         if isinstance(checked, Poison):
             letter = self._letter(msg, checked.code, checked.message, list(checked.errors), checked.event_id)
             return Outcome.DEAD_LETTERED, letter, _subject_type(msg.subject)
         event = checked.event
-        values = db.event_values(checked, msg.data.decode("utf-8", "replace"), msg.stream_sequence, now)
-        stored = await db.insert_event(session, values)
         if stored is db.Stored.INSERTED:
-            await db.add_parties(session, event.request_id, parties(event))
-            touched[event.request_id] = None
             return Outcome.PROJECTED, None, event.type
         if stored is db.Stored.CONFLICT:
             message = (

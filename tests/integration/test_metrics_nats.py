@@ -179,15 +179,15 @@ async def test_poison_and_conflicts_are_dead_lettered_and_acked(running: Running
 
 async def test_transient_failure_is_redelivered_then_projected(running: Running) -> None:
     rid = "REQ-INTG0004"
-    real_insert = metrics_db.insert_event
+    real_insert = metrics_db.insert_events
     calls = 0
 
-    async def flaky(session: Any, row: dict[str, Any]) -> metrics_db.Stored:
+    async def flaky(session: Any, rows: Any) -> list[metrics_db.Stored]:
         nonlocal calls
         calls += 1
         if calls == 1:
             raise ConnectionError("database went away")
-        return await real_insert(session, row)
+        return await real_insert(session, rows)
 
     processor: MetricsProcessor = running.app.state.processor
     real_process = processor.process
@@ -198,7 +198,7 @@ async def test_transient_failure_is_redelivered_then_projected(running: Running)
         return await real_process(msg)
 
     created = lifecycle(rid)[0]
-    with patch.object(metrics_db, "insert_event", flaky), patch.object(processor, "process", recording):
+    with patch.object(metrics_db, "insert_events", flaky), patch.object(processor, "process", recording):
         await running.publish(*subject_and_body(created), msg_id=created.event_id)
 
         async def projected() -> bool | None:
