@@ -171,7 +171,10 @@ def make_engine(url: str) -> AsyncEngine:
         def _pragmas(dbapi_conn: Any, _record: Any) -> None:
             cur = dbapi_conn.cursor()
             cur.execute("PRAGMA journal_mode=WAL")
-            cur.execute("PRAGMA synchronous=NORMAL")
+            # FULL: a commit is on disk before the message is acked, also across a power loss (NORMAL under WAL
+            # survives a process crash only). Costs one fsync per commit, i.e. per fetched batch: see
+            # docs/performance.md ("Durability").
+            cur.execute("PRAGMA synchronous=FULL")
             cur.execute("PRAGMA busy_timeout=30000")
             cur.close()
 
