@@ -64,6 +64,7 @@ class Migrations:
     def config(self, *, url: str | None = None, connection: Connection | None = None) -> Config:
         cfg = Config(output_buffer=io.StringIO())
         cfg.set_main_option("script_location", str(self.directory))
+        cfg.set_main_option("path_separator", "os")
         cfg.set_main_option("version_locations", str(self.directory / "versions"))
         if url is not None:
             cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
