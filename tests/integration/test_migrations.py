@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import importlib
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -269,3 +270,34 @@ async def test_baton_migrate_and_status(make_database_url: MakeDatabaseUrl) -> N
     refused = await asyncio.to_thread(runner.invoke, cli, ["migrate", "--database-url", url])
     assert refused.exit_code == 2
     assert "--service" in refused.output
+
+
+# --- the services' start ---------------------------------------------------------------------------
+@pytest.mark.parametrize("name", SERVICES)
+async def test_a_service_migrates_at_start_unless_told_not_to_and_then_needs_head(
+    name: str, provisioned_nats: str, make_database_url: MakeDatabaseUrl, catalog_path: Path
+) -> None:
+    _, migrations = service(name)
+    app_module = importlib.import_module(f"services.{name}.app")
+    settings_module = importlib.import_module(f"services.{name}.settings")
+    settings_class = getattr(settings_module, f"{name.capitalize()}Settings")
+    url = make_database_url(f"mig_app_{name}")
+
+    def app(**values: Any) -> Any:
+        if name != "intake":
+            values["catalog_path"] = str(catalog_path)
+        return app_module.create_app(settings_class(nats_url=provisioned_nats, database_url=url, **values))
+
+    production = app(migrate_on_start=False)  # as in compose and Kubernetes, before `baton migrate` ran
+    with pytest.raises(schema.SchemaNotReady, match=rf"{name}: the database is at no revision"):
+        async with production.router.lifespan_context(production):
+            pass
+    await production.state.database.close()
+
+    embedded = app()  # the default: migrate at start
+    async with embedded.router.lifespan_context(embedded):
+        assert await schema.current(embedded.state.database.engine, migrations) == HEADS[name]
+
+    production = app(migrate_on_start=False)
+    async with production.router.lifespan_context(production):
+        assert await production.state.database.ping()
