@@ -79,7 +79,7 @@ def create_app(settings: IntakeSettings, *, tracer_provider: TracerProvider | No
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
-        await database.start()
+        await database.start(migrate=settings.migrate_on_start)
         await require_consumer(servers, STREAM_IN, CONSUMER_INTAKE)
         await broker.start()
         log.info("intake consuming %s/%s", STREAM_IN, CONSUMER_INTAKE)

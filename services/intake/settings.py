@@ -13,6 +13,11 @@ class IntakeSettings(BaseSettings):
 
     nats_url: str = Field(default="nats://127.0.0.1:14222", description="Comma-separated NATS server URLs.")
     database_url: str = "sqlite+aiosqlite:///.baton/data/intake.db"
+    migrate_on_start: bool = Field(
+        default=True,
+        description="Migrate the database to head at start (embedded default). False in production, where "
+        "`baton migrate` runs once before the replicas start and they only check the database is at head.",
+    )
     http_host: str = "127.0.0.1"
     http_port: int = 8101
     fetch_batch: int = Field(default=64, ge=1, le=1000, description="Messages fetched per pull request.")

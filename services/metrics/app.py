@@ -248,7 +248,7 @@ def create_app(
                 "BATON_METRICS_TOKENS_PATH is not set: OPEN ACCESS, every visitor sees every request. "
                 "Set it to a token file (baton tokens) for any shared deployment."
             )
-        await database.start()
+        await database.start(migrate=settings.migrate_on_start)
         await business.refresh_open()
         await require_consumer(servers, STREAM_EVENTS, CONSUMER_METRICS)
         await broker.start()

@@ -117,7 +117,7 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
-        await database.start()
+        await database.start(migrate=settings.migrate_on_start)
         await require_consumer(servers, STREAM_EVENTS, CONSUMER_NOTIFIER)
         await broker.start()
         await feed.start()

@@ -11,6 +11,11 @@ class NotifierSettings(BaseSettings):
 
     nats_url: str = Field(default="nats://127.0.0.1:14222", description="Comma-separated NATS server URLs.")
     database_url: str = "sqlite+aiosqlite:///.baton/data/notifier.db"
+    migrate_on_start: bool = Field(
+        default=True,
+        description="Migrate the database to head at start (embedded default). False in production, where "
+        "`baton migrate` runs once before the replicas start and they only check the database is at head.",
+    )
     catalog_path: str = Field(default="deploy/catalog.yaml", description="The department catalog (YAML).")
     http_host: str = "127.0.0.1"
     http_port: int = 8103

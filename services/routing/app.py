@@ -171,7 +171,7 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
-        await database.start()
+        await database.start(migrate=settings.migrate_on_start)
         consumer = await require_consumer(servers, STREAM_EVENTS, CONSUMER_ROUTING)
         await require_consumer(servers, STREAM_TIMERS, CONSUMER_ROUTING_TIMERS)
         if consumer.max_deliver is not None:
