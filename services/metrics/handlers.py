@@ -29,6 +29,7 @@ from nats.aio.msg import Msg
 from opentelemetry import propagate, trace
 
 from libs.contracts import EVENT_MODELS, DeadLetter, dumps
+from libs.contracts.dlq import TERM_DEAD_LETTERED, term_with_reason
 from libs.contracts.envelope import ID_RE
 from libs.contracts.notifications import FieldError
 from libs.contracts.subjects import (
@@ -207,7 +208,7 @@ def build_router(
                 if inbound.num_delivered >= spec.max_deliver:
                     log.exception("giving up on %s after %d deliveries", raw.subject[:128], inbound.num_delivered)
                     await processor.dead_letter_poison(inbound, exc)
-                    await raw.term()
+                    await term_with_reason(raw, TERM_DEAD_LETTERED)
                     continue
                 delay = backoff_delay(retry_delay, inbound.num_delivered)
                 log.exception("processing %s failed; redelivering in %.1fs", raw.subject[:128], delay)

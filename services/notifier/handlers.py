@@ -40,6 +40,7 @@ from pydantic import ValidationError
 from sqlalchemy.exc import IntegrityError
 
 from libs.contracts import DeadLetter, LifecycleEvent, dumps, error_list, parse_event
+from libs.contracts.dlq import TERM_DEAD_LETTERED, term_with_reason
 from libs.contracts.notifications import FieldError
 from libs.contracts.subjects import (
     CONSUMER_NOTIFIER,
@@ -430,7 +431,7 @@ def build_router(
                             await later.nak(delay=retry_delay)
                         count("lost")
                         return
-                    await raw.term()
+                    await term_with_reason(raw, TERM_DEAD_LETTERED)
                     count("gave_up")
                     continue
                 log.exception("processing %s failed; redelivering in %.1fs", raw.subject[:128], retry_delay)

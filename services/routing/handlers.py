@@ -60,6 +60,7 @@ from libs.contracts import (
     error_list,
     parse_event,
 )
+from libs.contracts.dlq import TERM_DEAD_LETTERED, term_with_reason
 from libs.contracts.envelope import ID_RE, RequestId, Slug, StrictModel, Timestamp
 from libs.contracts.events import SlaClock
 from libs.contracts.notifications import FieldError
@@ -574,7 +575,7 @@ def build_router(
                             await later.nak(delay=retry_delay)
                         count("lost")
                         return
-                    await raw.term()
+                    await term_with_reason(raw, TERM_DEAD_LETTERED)
                     count("gave_up")
                     continue
                 delay = backoff_delay(retry_delay, inbound.num_delivered)
@@ -619,7 +620,7 @@ def build_router(
             if result.handling is TimerHandling.RETRY:
                 await raw.nak(delay=result.delay)
             elif result.handling is TimerHandling.DEAD_LETTERED:
-                await raw.term()
+                await term_with_reason(raw, TERM_DEAD_LETTERED)
             else:
                 await raw.ack()
             count_timer(kind, result.outcome)
