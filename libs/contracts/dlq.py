@@ -19,8 +19,11 @@ Two writers, one entry:
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import re
-from typing import Annotated, Any, Literal, Protocol
+from collections.abc import Awaitable, Callable
+from typing import Annotated, Any, Literal, Protocol, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
@@ -32,6 +35,8 @@ from .subjects import (
     CONSUMER_ROUTING,
     CONSUMER_ROUTING_TIMERS,
 )
+
+T = TypeVar("T")
 
 #: The ``+TERM`` reason a service gives when it has dead-lettered the message itself.
 TERM_DEAD_LETTERED = "dead-lettered by the service"
@@ -119,3 +124,37 @@ class DlqReplay(StrictModel):
     msg_id: str
     replayed_at: Timestamp
     replayed_by: str = ""
+
+
+async def wait_out_transient(
+    attempt: Callable[[], Awaitable[T]],
+    failure: BaseException,
+    transient: tuple[type[BaseException], ...],
+    *,
+    heartbeat: Callable[[], Awaitable[None]],
+    base_delay: float,
+    max_delay: float = 10.0,
+    on_retry: Callable[[BaseException, float], None] | None = None,
+) -> T:
+    """On a message's last allowed delivery: retry ``attempt`` in place for as long as it fails transiently.
+
+    A database or NATS outage must never send a message to the dead-letter queue; naking it on its last
+    delivery would (JetStream gives up and advises). So while ``failure`` is one of ``transient`` the
+    message is kept (``heartbeat``, i.e. ``Msg.in_progress``, resets its ack wait) and tried again with a
+    growing delay capped at ``max_delay`` (below the consumer's ack wait). Returns the attempt's result;
+    raises the first non-transient failure (then the caller dead-letters with that reason).
+    """
+    retries = 0
+    while isinstance(failure, transient):
+        retries += 1
+        delay = min(base_delay * 2 ** min(retries - 1, 16), max_delay)
+        if on_retry is not None:
+            on_retry(failure, delay)
+        with contextlib.suppress(Exception):
+            await heartbeat()
+        await asyncio.sleep(delay)
+        try:
+            return await attempt()
+        except Exception as exc:
+            failure = exc
+    raise failure

@@ -40,6 +40,7 @@ from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Annotated, Protocol, cast
 
+import nats.errors
 import orjson
 from faststream.middlewares import AckPolicy
 from faststream.nats import JStream, NatsMessage, NatsRouter, PullSub
@@ -47,7 +48,7 @@ from nats.aio.msg import Msg
 from opentelemetry import propagate, trace
 from prometheus_client import CollectorRegistry, Counter
 from pydantic import Field, ValidationError
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError
 
 from libs.contracts import (
     SERVICE_TYPES,
@@ -60,7 +61,7 @@ from libs.contracts import (
     error_list,
     parse_event,
 )
-from libs.contracts.dlq import TERM_DEAD_LETTERED, term_with_reason
+from libs.contracts.dlq import TERM_DEAD_LETTERED, term_with_reason, wait_out_transient
 from libs.contracts.envelope import ID_RE, RequestId, Slug, StrictModel, Timestamp
 from libs.contracts.events import SlaClock
 from libs.contracts.notifications import FieldError
@@ -90,6 +91,16 @@ log = logging.getLogger("baton.routing")
 default_tracer = trace.get_tracer("baton.routing")
 
 SERVICE = "routing"
+#: Failures worth waiting out (the database or NATS briefly unreachable): never dead-lettered.
+TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
+    OperationalError,
+    InterfaceError,
+    TimeoutError,
+    ConnectionError,
+    nats.errors.ConnectionClosedError,
+    nats.errors.NoServersError,
+    nats.errors.TimeoutError,
+)
 ROUTED_SUBJECT = service_subject(SERVICE, "routed")
 #: Where each event type routing emits goes (all through intake).
 EMIT_SUBJECTS = {t: service_subject(SERVICE, t) for t, owner in SERVICE_TYPES.items() if owner == SERVICE}
@@ -565,11 +576,26 @@ def build_router(
                     outcome = await processor.process(inbound)
             except Exception as exc:
                 if limit.is_last(inbound.num_delivered):
+                    try:  # a transient failure is waited out here: an outage never dead-letters
+                        outcome = await wait_out_transient(
+                            lambda: processor.process(inbound),  # noqa: B023 (awaited within this iteration)
+                            exc,
+                            TRANSIENT_ERRORS,
+                            heartbeat=raw.in_progress,
+                            base_delay=retry_delay,
+                        )
+                    except Exception as final:
+                        exc = final
+                    else:
+                        await raw.ack()
+                        count(outcome.value)
+                        continue
                     log.exception("giving up on %s after %d deliveries", raw.subject[:128], inbound.num_delivered)
                     try:
                         await processor.dead_letter_poison(inbound, exc)
                     except Exception:
-                        # Nothing more can be done for this one (no delivery left): it stays unacked, logged here.
+                        # No delivery left: it stays unacked; JetStream's max-deliveries advisory then
+                        # dead-letters it (intake's advisory consumer, docs/reliability.md).
                         log.exception("dead-lettering %s failed; the message is lost", raw.subject[:128])
                         for later in raws[index + 1 :]:
                             await later.nak(delay=retry_delay)

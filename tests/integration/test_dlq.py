@@ -236,3 +236,44 @@ def test_since_parses_durations_and_times() -> None:
     assert parse_since("2h", now) == now - timedelta(hours=2)
     assert parse_since("2026-01-01T00:00:00", now) == datetime(2026, 1, 1, tzinfo=UTC)
     assert parse_since(None) is None
+
+
+async def test_a_database_outage_on_the_last_delivery_is_waited_out_not_dead_lettered(
+    nats_server: NatsServer,
+    catalog: Catalog,
+    nc: NATS,
+    make_database_url: Callable[[str], str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from sqlalchemy.exc import OperationalError
+
+    from services.intake import handlers
+
+    monkeypatch.setattr(handlers, "IN_PLACE_ATTEMPTS", 5)
+    monkeypatch.setattr(handlers, "MAX_IN_PLACE_DELAY", 0.05)
+
+    await provision(nats_server.url, catalog, overrides={CONSUMER_INTAKE: {"max_deliver": 2}})
+    calls: list[tuple[int, str]] = []
+    original = IntakeProcessor.process
+
+    async def process(self: IntakeProcessor, msg: Inbound) -> Outcome:
+        # delivery 1: a bug-like failure (naked); delivery 2 (the last): the database is down for 12 attempts
+        # (more than the 5 in-place attempts of an ordinary delivery), then back.
+        if msg.num_delivered == 1:
+            calls.append((1, "error"))
+            raise ValueError("first delivery fails")
+        if len([c for c in calls if c[0] == 2]) < 12:
+            calls.append((2, "db down"))
+            raise OperationalError("SELECT 1", {}, ConnectionRefusedError("database is down"))
+        calls.append((2, "ok"))
+        return await original(self, msg)
+
+    rid = new_rid()
+    async with running_intake(nats_server.url, make_database_url("intake")) as app:
+        app.state.processor.process = process.__get__(app.state.processor)
+        await publish(nc, inbound_subject("marketing", "created"), created(rid))
+        log = await read_stream(nc, STREAM_EVENTS, f"baton.events.{rid}.*", 1, within=60)
+    print(f"attempts: {len(calls)} (last: {calls[-1]})")
+    assert [e["request_id"] for e in log] == [rid]
+    assert calls[-1] == (2, "ok")
+    assert await list_entries(nc) == []

@@ -16,6 +16,7 @@ from libs.contracts.dlq import (
     dead_letter_id,
     service_of_consumer,
     term_payload,
+    wait_out_transient,
 )
 from libs.contracts.subjects import ADVISORY_SUBJECTS, SubjectError, dlq_replay_subject
 from services.intake.advisories import AdvisoryOutcome, AdvisoryProcessor, Original
@@ -100,3 +101,40 @@ def test_ids_subjects_and_term_payloads() -> None:
         dlq_replay_subject(0)
     assert "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.BATON_IN.intake" in ADVISORY_SUBJECTS
     assert all("*" not in s and ">" not in s for s in ADVISORY_SUBJECTS)
+
+
+class Flaky(Exception):
+    pass
+
+
+async def test_wait_out_transient_retries_while_transient_then_returns_or_raises_the_real_failure() -> None:
+    beats: list[int] = []
+    delays: list[float] = []
+    failures: list[BaseException] = [Flaky("db down"), Flaky("db down")]
+
+    async def attempt() -> str:
+        if failures:
+            raise failures.pop(0)
+        return "done"
+
+    async def heartbeat() -> None:
+        beats.append(1)
+
+    result = await wait_out_transient(
+        attempt,
+        Flaky("first"),
+        (Flaky,),
+        heartbeat=heartbeat,
+        base_delay=0.001,
+        on_retry=lambda _e, d: delays.append(d),
+    )
+    assert result == "done"
+    assert len(beats) == 3
+    assert delays == sorted(delays)
+    assert delays[-1] > delays[0]
+
+    failures[:] = [Flaky("db down"), ValueError("poison")]
+    with pytest.raises(ValueError, match="poison"):
+        await wait_out_transient(attempt, Flaky("x"), (Flaky,), heartbeat=heartbeat, base_delay=0.001)
+    with pytest.raises(KeyError):  # not transient to begin with: no retry at all
+        await wait_out_transient(attempt, KeyError("k"), (Flaky,), heartbeat=heartbeat, base_delay=0.001)
