@@ -277,3 +277,34 @@ async def test_a_database_outage_on_the_last_delivery_is_waited_out_not_dead_let
     assert [e["request_id"] for e in log] == [rid]
     assert calls[-1] == (2, "ok")
     assert await list_entries(nc) == []
+
+
+async def test_shutdown_drains_the_message_in_hand_and_acks_it(
+    nats_server: NatsServer, catalog: Catalog, nc: NATS, make_database_url: Callable[[str], str]
+) -> None:
+    """Stopping intake (what SIGTERM does through uvicorn's lifespan) lets the message in hand finish and be
+    acked: it is neither lost nor redelivered."""
+    await provision(nats_server.url, catalog)
+    started = asyncio.Event()
+    finished: list[str] = []
+    original = IntakeProcessor.process
+
+    async def slow(self: IntakeProcessor, msg: Inbound) -> Outcome:
+        started.set()
+        await asyncio.sleep(1.5)
+        outcome = await original(self, msg)
+        finished.append(outcome.value)
+        return outcome
+
+    rid = new_rid()
+    async with running_intake(nats_server.url, make_database_url("intake")) as app:
+        app.state.processor.process = slow.__get__(app.state.processor)
+        await publish(nc, inbound_subject("marketing", "created"), created(rid))
+        await asyncio.wait_for(started.wait(), timeout=20)
+        # leaving the block runs the lifespan exit: broker.stop() with graceful_timeout, then the database
+    assert finished == ["applied"]
+    info = await nc.jsm().consumer_info(STREAM_IN, CONSUMER_INTAKE)
+    print(f"after shutdown: ack floor {info.ack_floor.stream_seq}, pending acks {info.num_ack_pending}")
+    assert info.num_ack_pending == 0
+    assert info.ack_floor.stream_seq == 1
+    assert len(await read_stream(nc, STREAM_EVENTS, f"baton.events.{rid}.*", 1)) == 1
