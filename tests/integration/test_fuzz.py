@@ -89,8 +89,22 @@ OVERSIZE = [
     (("category",), 100),
     (("comment",), 10_001),
 ]
-ID_FIELDS = [("event_id",), ("request_id",), ("actor", "department"), ("requester", "department"), ("type",)]
-REQUIRED = [("title",), ("category",), ("priority",), ("requester",), ("actor",), ("event_id",), ("comment",)]
+ID_FIELDS: list[tuple[str, ...]] = [
+    ("event_id",),
+    ("request_id",),
+    ("actor", "department"),
+    ("requester", "department"),
+    ("type",),
+]
+REQUIRED: list[tuple[str, ...]] = [
+    ("title",),
+    ("category",),
+    ("priority",),
+    ("requester",),
+    ("actor",),
+    ("event_id",),
+    ("comment",),
+]
 MISSING = ["title", "event_id", "request_id", "actor", "occurred_at", "comment"]
 
 
