@@ -308,3 +308,42 @@ async def test_shutdown_drains_the_message_in_hand_and_acks_it(
     assert info.num_ack_pending == 0
     assert info.ack_floor.stream_seq == 1
     assert len(await read_stream(nc, STREAM_EVENTS, f"baton.events.{rid}.*", 1)) == 1
+
+
+async def test_replay_all_matching_replays_each_inbound_entry_once(provisioned_nats: str, nc: NATS) -> None:
+    from datetime import UTC, datetime
+
+    def letter(n: int, service: str, subject: str) -> bytes:
+        return (
+            DeadLetter(
+                dead_letter_id=f"dlq-{service}-{n}",
+                service=service,
+                code="processing_failed",
+                message="boom",
+                original_subject=subject,
+                original_headers={"Nats-Msg-Id": f"orig-{n}", "traceparent": "00-" + "a" * 32 + "-" + "b" * 16 + "-01"},
+                payload=base64.b64encode(orjson.dumps(created(new_rid()))).decode(),
+                dead_lettered_at=datetime.now(UTC),
+            )
+            .model_dump_json()
+            .encode()
+        )
+
+    js = nc.jetstream()
+    await js.publish("baton.dlq.intake.processing_failed", letter(1, "intake", "baton.in.marketing.created"))
+    await js.publish("baton.dlq.intake.processing_failed", letter(2, "intake", "baton.in.marketing.created"))
+    await js.publish("baton.dlq.notifier.processing_failed", letter(3, "notifier", "baton.events.REQ-12345678.x"))
+
+    first = await asyncio.to_thread(invoke, "dlq", "replay", "--all-matching", "--nats-url", provisioned_nats)
+    assert first.exit_code == 0, first.output
+    assert "2 replayed, 1 skipped" in first.output
+    again = await asyncio.to_thread(
+        invoke, "dlq", "replay", "--all-matching", "--service", "intake", "--nats-url", provisioned_nats
+    )
+    assert "0 replayed, 2 skipped" in again.output
+    jsm = nc.jsm()
+    replayed = [await jsm.get_msg(STREAM_IN, seq=s) for s in (1, 2)]
+    assert [m.headers["Nats-Msg-Id"] for m in replayed if m.headers] == ["replay-1-1", "replay-2-1"]
+    assert [m.headers["Baton-Replay-Of"] for m in replayed if m.headers] == ["dlq-intake-1", "dlq-intake-2"]
+    assert all(m.headers and m.headers["traceparent"].startswith("00-") for m in replayed)
+    assert (await jsm.stream_info(STREAM_IN)).state.messages == 2
