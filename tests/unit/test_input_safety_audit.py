@@ -109,8 +109,46 @@ def test_the_audit_catches_what_it_looks_for(tmp_path: Path) -> None:
         "from sqlalchemy import text\n"
         "async def f(session, rid):\n"
         "    await session.execute(f\"SELECT * FROM requests WHERE id = '{rid}'\")\n"
+        "    nc = await nats.connect(rid)\n"
         "    return f'baton.events.{rid}.created'\n",
         encoding="utf-8",
     )
     assert len(sql_findings(bad)) == 2
     assert len(subject_findings(bad)) == 1
+    assert len(reconnect_findings(bad)) == 1
+
+
+#: Connections that may give up (a one-shot command or a start-up check), with why.
+FINITE_RECONNECT = {
+    "services/intake/app.py": "start-up check that the consumer exists",
+    "services/routing/app.py": "start-up check that the consumer exists",
+    "services/notifier/app.py": "start-up check that the consumer exists",
+    "services/metrics/app.py": "start-up check that the consumer exists",
+    "services/metrics/rebuild.py": "`baton metrics rebuild`, one-shot",
+    "baton/natsserver.py": "readiness probe of the server being started",
+    "baton/provision.py": "`baton provision`, one-shot",
+    "baton/cmd_dlq.py": "`baton dlq`, one-shot",
+    "baton/bench.py": "the benchmark's measuring clients (a reconnect would spoil the numbers)",
+}
+
+
+def reconnect_findings(path: Path) -> list[str]:
+    found = []
+    for call in _calls(_tree(path)):
+        func = call.func
+        name = f"{getattr(func.value, 'id', '')}.{func.attr}" if isinstance(func, ast.Attribute) else ""
+        is_broker = isinstance(func, ast.Name) and func.id == "NatsBroker"
+        if name != "nats.connect" and not is_broker:
+            continue
+        value = next((k.value for k in call.keywords if k.arg == "max_reconnect_attempts"), None)
+        forever = (
+            isinstance(value, ast.UnaryOp) and isinstance(value.operand, ast.Constant) and value.operand.value == 1
+        )
+        if not forever and (is_broker or _rel(path) not in FINITE_RECONNECT):
+            found.append(f"{_rel(path)}:{call.lineno}: a long-running NATS connection must reconnect forever (-1)")
+    return found
+
+
+@pytest.mark.parametrize("path", CODE, ids=_rel)
+def test_long_running_nats_connections_reconnect_forever(path: Path) -> None:
+    assert reconnect_findings(path) == []
