@@ -101,6 +101,8 @@ class Entry:
 def replay_refusal(letter: DeadLetter) -> str | None:
     """Why this entry cannot be replayed, or None when it can."""
     subject = letter.original_subject
+    if any(c.isspace() for c in subject) or ".." in subject or subject.endswith("."):
+        return f"{subject!r} is not a publishable subject"
     if subject.startswith((INBOUND_PREFIX + ".", SERVICE_PREFIX + ".")):
         return None
     if not subject:

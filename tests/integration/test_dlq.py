@@ -220,6 +220,8 @@ async def test_canonical_events_are_never_replayed(provisioned_nats: str, nc: NA
         dead_lettered_at=datetime.now(UTC),
     )
     assert replay_refusal(letter) is not None
+    forged = letter.model_copy(update={"original_subject": "baton.in.it\r\nPUB x 1\r\n.created"})
+    assert "not a publishable subject" in (replay_refusal(forged) or "")
     await nc.jetstream().publish("baton.dlq.metrics.processing_failed", letter.model_dump_json().encode())
     [entry] = await list_entries(nc, service="metrics")
     with pytest.raises(DlqError, match="never re-published"):
