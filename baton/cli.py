@@ -13,6 +13,7 @@ import typer
 from libs.contracts.catalog_file import CatalogError, load_catalog
 
 from .cmd_bench import bench
+from .cmd_dlq import dlq_app
 from .cmd_metrics import metrics_app
 from .cmd_migrate import migrate_app
 from .cmd_notify import register as register_notify_commands
@@ -24,6 +25,7 @@ app = typer.Typer(help="Baton: requests handed between departments as events.", 
 app.add_typer(tokens_app, name="token")
 app.add_typer(metrics_app, name="metrics")  # rebuild, export
 app.add_typer(migrate_app, name="migrate")  # upgrade to head, status, downgrade, new
+app.add_typer(dlq_app, name="dlq")  # list, show, replay dead letters
 app.command("rejected")(rejected)
 app.command("route")(route)  # where a sample request would go, and why (--explain)
 app.command("bench")(bench)  # throughput and latency next to the raw NATS limit

@@ -17,8 +17,8 @@ Server behaviour this module relies on (nats-server 2.15):
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, fields, replace
 from enum import Enum, StrEnum
 from typing import Any, Literal
 
@@ -185,10 +185,30 @@ def consumer_config(spec: ConsumerSpec) -> ConsumerConfig:
     )
 
 
-def consumer_specs(catalog: Catalog | None = None) -> tuple[ConsumerSpec, ...]:
-    """The service consumers, then one notification consumer per catalog department."""
+#: Per-consumer changes to the specs, keyed by durable name: e.g. ``{"intake": {"max_deliver": 4}}``.
+ConsumerOverrides = Mapping[str, Mapping[str, Any]]
+
+
+def consumer_specs(
+    catalog: Catalog | None = None, overrides: ConsumerOverrides | None = None
+) -> tuple[ConsumerSpec, ...]:
+    """The service consumers, then one notification consumer per catalog department.
+
+    ``overrides`` replaces spec fields per durable (tests use a small ``max_deliver`` / ``ack_wait_seconds``);
+    an unknown durable or field is a :class:`ProvisionError`.
+    """
     departments = catalog.slugs if catalog else []
-    return SERVICE_CONSUMERS + tuple(department_consumer_spec(slug) for slug in departments)
+    specs = SERVICE_CONSUMERS + tuple(department_consumer_spec(slug) for slug in departments)
+    if not overrides:
+        return specs
+    by_name = {s.durable for s in specs}
+    allowed = {f.name for f in fields(ConsumerSpec)} - {"stream", "durable"}
+    for durable, changes in overrides.items():
+        if durable not in by_name:
+            raise ProvisionError(f"override for unknown consumer {durable!r}")
+        if bad := set(changes) - allowed:
+            raise ProvisionError(f"override for consumer {durable!r}: unknown fields {sorted(bad)}")
+    return tuple(replace(s, **overrides[s.durable]) if s.durable in overrides else s for s in specs)
 
 
 # --- comparison -----------------------------------------------------------------------
@@ -295,14 +315,16 @@ async def provision(
     num_replicas: int = 1,
     dry_run: bool = False,
     api_timeout: float = 5.0,
+    overrides: ConsumerOverrides | None = None,
 ) -> ProvisionReport:
     """Create or update every stream in ``STREAMS`` and every consumer in ``SERVICE_CONSUMERS``,
     plus one notification consumer per catalog department. Running it twice changes nothing.
 
     ``nc_or_url``: a connected client (left open) or a server URL (connected and closed here).
     ``dry_run``: compute the report without changing anything. ``api_timeout``: per JetStream API request.
+    ``overrides``: per-durable spec changes (see :func:`consumer_specs`).
     """
-    specs = consumer_specs(catalog)
+    specs = consumer_specs(catalog, overrides)
     configs = [(spec.stream, consumer_config(spec)) for spec in specs]  # validate every spec before any change
     own = isinstance(nc_or_url, str)
     if isinstance(nc_or_url, str):

@@ -17,11 +17,12 @@ from opentelemetry.sdk.trace import TracerProvider
 from prometheus_client import CollectorRegistry, make_asgi_app
 from starlette.responses import JSONResponse
 
-from libs.contracts.subjects import CONSUMER_INTAKE, STREAM_IN
+from libs.contracts.subjects import CONSUMER_ADVISORIES, CONSUMER_INTAKE, STREAM_ADVISORIES, STREAM_IN
 from libs.contracts.tokens import TokenRegistry
 from libs.contracts.tracing import make_tracer_provider, send_span
 
 from . import api, db
+from .advisories import AdvisoryProcessor, build_advisory_router, jetstream_getter
 from .handlers import IntakeProcessor, build_router
 from .settings import IntakeSettings
 
@@ -29,11 +30,14 @@ SERVICE_NAME = "baton-intake"
 log = logging.getLogger("baton.intake")
 
 
-async def require_consumer(servers: list[str], stream: str, durable: str) -> None:
-    """Fail fast, with the fix, when the durable consumer was not provisioned (services never create one)."""
+async def require_consumer(servers: list[str], stream: str, durable: str) -> int:
+    """Fail fast, with the fix, when the durable consumer was not provisioned (services never create one).
+
+    Returns the consumer's provisioned ``max_deliver`` (the handler dead-letters on that delivery)."""
     nc = await nats.connect(servers, connect_timeout=5, max_reconnect_attempts=3, name=f"{SERVICE_NAME}-check")
     try:
-        await nc.jetstream().consumer_info(stream, durable)
+        info = await nc.jetstream().consumer_info(stream, durable)
+        return int(info.config.max_deliver or -1)
     except NotFoundError as exc:
         raise RuntimeError(f"consumer {stream}/{durable} does not exist: run `baton provision` first") from exc
     finally:
@@ -67,10 +71,24 @@ def create_app(settings: IntakeSettings, *, tracer_provider: TracerProvider | No
     tokens = TokenRegistry(settings.tokens_path)
     if settings.tokens_path is None:
         log.warning("no token file (BATON_INTAKE_TOKENS_PATH): the HTTP API refuses every call")
+    limits: dict[str, int] = {}
     broker.include_router(
         build_router(
             processor,
             tracer=tracer,
+            batch_size=settings.fetch_batch,
+            fetch_timeout=settings.fetch_timeout,
+            retry_delay=settings.retry_delay,
+            max_deliver=lambda: limits.get("max_deliver"),
+        )
+    )
+    # Dead letters from JetStream's give-up advisories, for every service consumer (docs/reliability.md).
+    advisories = AdvisoryProcessor(
+        jetstream_getter(lambda *a, **kw: broker.connection.jsm().get_msg(*a, **kw)), publish
+    )
+    broker.include_router(
+        build_advisory_router(
+            advisories,
             batch_size=settings.fetch_batch,
             fetch_timeout=settings.fetch_timeout,
             retry_delay=settings.retry_delay,
@@ -80,7 +98,8 @@ def create_app(settings: IntakeSettings, *, tracer_provider: TracerProvider | No
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         await database.start(migrate=settings.migrate_on_start)
-        await require_consumer(servers, STREAM_IN, CONSUMER_INTAKE)
+        limits["max_deliver"] = await require_consumer(servers, STREAM_IN, CONSUMER_INTAKE)
+        await require_consumer(servers, STREAM_ADVISORIES, CONSUMER_ADVISORIES)
         await broker.start()
         log.info("intake consuming %s/%s", STREAM_IN, CONSUMER_INTAKE)
         outbox = asyncio.create_task(_drain_outbox(processor, settings.outbox_interval), name="intake-outbox")

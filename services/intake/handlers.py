@@ -35,6 +35,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from libs.contracts import DeadLetter, LifecycleEvent, Rejection, dumps
 from libs.contracts import tracing as telemetry
+from libs.contracts.dlq import TERM_DEAD_LETTERED, term_with_reason
 from libs.contracts.envelope import ID_RE
 from libs.contracts.notifications import FieldError, RejectionCode
 from libs.contracts.subjects import (
@@ -377,6 +378,7 @@ def build_router(
     batch_size: int,
     fetch_timeout: float,
     retry_delay: float,
+    max_deliver: Callable[[], int | None] | None = None,
 ) -> NatsRouter:
     """Intake's only subscription: the durable ``intake`` consumer on ``BATON_IN`` (provisioned by Baton).
 
@@ -400,16 +402,21 @@ def build_router(
         raws: list[Msg] = cast("list[Msg]", msg.raw_message)
         for index, raw in enumerate(raws):
             inbound = to_inbound(raw)
-            settled = await _process_in_place(processor, tracer, raw, inbound, retry_delay)
-            if settled:
+            # The provisioned limit (read at start), else the spec's.
+            limit = (max_deliver() if max_deliver else None) or spec.max_deliver
+            last = 0 < limit <= inbound.num_delivered
+            # On the last delivery a transient failure is waited out in place for as long as it lasts:
+            # a database outage never sends a message to the dead-letter queue.
+            failure = await _process_in_place(processor, tracer, raw, inbound, retry_delay, forever=last)
+            if failure is None:
+                continue
+            if last:
+                log.error("giving up on %s after %d deliveries", raw.subject[:128], inbound.num_delivered)
+                await processor.dead_letter_poison(inbound, failure)
+                await term_with_reason(raw, TERM_DEAD_LETTERED)  # the advisory then knows it is dead-lettered
                 continue
             # Not transient (a bug, or a dependency down for minutes): let JetStream redeliver later,
             # this message and everything after it in the batch, so that the order is kept.
-            if inbound.num_delivered >= spec.max_deliver:
-                log.error("giving up on %s after %d deliveries", raw.subject[:128], inbound.num_delivered)
-                await processor.dead_letter_poison(inbound, RuntimeError("processing kept failing"))
-                await raw.term()
-                continue
             delay = backoff_delay(retry_delay, inbound.num_delivered)
             for later in raws[index:]:
                 await later.nak(delay=delay)
@@ -419,15 +426,25 @@ def build_router(
 
 
 async def _process_in_place(
-    processor: IntakeProcessor, tracer: trace.Tracer, raw: Msg, inbound: Inbound, retry_delay: float
-) -> bool:
-    """Process one message, retrying transient failures *in place* (True = settled and acked).
+    processor: IntakeProcessor,
+    tracer: trace.Tracer,
+    raw: Msg,
+    inbound: Inbound,
+    retry_delay: float,
+    *,
+    forever: bool = False,
+) -> BaseException | None:
+    """Process one message, retrying transient failures *in place* (None = settled and acked, else the failure).
 
     Intake feeds one ordered log: if it nak'd a message on a short database outage, a later event
     of the same request could overtake it and be refused. So transient errors are retried here,
-    holding the batch and telling JetStream the message is still in progress.
+    holding the batch and telling JetStream the message is still in progress (``forever``: with no
+    limit on the attempts, used on the last allowed delivery).
     """
-    for attempt in range(1, IN_PLACE_ATTEMPTS + 1):
+    failure: BaseException | None = None
+    attempt = 0
+    while forever or attempt < IN_PLACE_ATTEMPTS:
+        attempt += 1
         try:
             parent, links = await request_span_parent(processor, inbound.data, telemetry.extract(inbound.headers))
             with telemetry.process_span(
@@ -441,18 +458,19 @@ async def _process_in_place(
             ):
                 await processor.process(inbound)
         except TRANSIENT_ERRORS as exc:
+            failure = exc
             delay = min(backoff_delay(retry_delay, attempt), MAX_IN_PLACE_DELAY)
             log.warning("transient failure on %s (%s); retry %d in %.1fs", raw.subject[:128], exc, attempt, delay)
             with contextlib.suppress(Exception):
                 await raw.in_progress()
             await asyncio.sleep(delay)
             continue
-        except Exception:
+        except Exception as exc:
             log.exception("processing %s failed", raw.subject[:128])
-            return False
+            return exc
         await raw.ack()
-        return True
-    return False
+        return None
+    return failure or RuntimeError("transient failures kept happening")
 
 
 async def request_span_parent(

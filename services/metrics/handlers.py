@@ -23,13 +23,16 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Protocol, cast
 
+import nats.errors
 from faststream.middlewares import AckPolicy
 from faststream.nats import JStream, NatsMessage, NatsRouter, PullSub
 from nats.aio.msg import Msg
 from opentelemetry import trace
+from sqlalchemy.exc import InterfaceError, OperationalError
 
 from libs.contracts import EVENT_MODELS, DeadLetter, dumps
 from libs.contracts import tracing as telemetry
+from libs.contracts.dlq import TERM_DEAD_LETTERED, term_with_reason, wait_out_transient
 from libs.contracts.envelope import ID_RE
 from libs.contracts.notifications import FieldError
 from libs.contracts.subjects import (
@@ -49,6 +52,16 @@ log = logging.getLogger("baton.metrics")
 default_tracer = trace.get_tracer("baton.metrics")
 
 SERVICE = "metrics"
+#: Failures worth waiting out (the database or NATS briefly unreachable): never dead-lettered.
+TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
+    OperationalError,
+    InterfaceError,
+    TimeoutError,
+    ConnectionError,
+    nats.errors.ConnectionClosedError,
+    nats.errors.NoServersError,
+    nats.errors.TimeoutError,
+)
 MAX_RETRY_DELAY = 30.0
 
 
@@ -210,10 +223,21 @@ def build_router(
                 ):
                     await processor.process(inbound)
             except Exception as exc:
-                if inbound.num_delivered >= spec.max_deliver:
-                    log.exception("giving up on %s after %d deliveries", raw.subject[:128], inbound.num_delivered)
-                    await processor.dead_letter_poison(inbound, exc)
-                    await raw.term()
+                if 0 < spec.max_deliver <= inbound.num_delivered:
+                    try:  # a transient failure is waited out here: an outage never dead-letters
+                        await wait_out_transient(
+                            lambda: processor.process(inbound),  # noqa: B023 (awaited within this iteration)
+                            exc,
+                            TRANSIENT_ERRORS,
+                            heartbeat=raw.in_progress,
+                            base_delay=retry_delay,
+                        )
+                    except Exception as final:
+                        log.exception("giving up on %s after %d deliveries", raw.subject[:128], inbound.num_delivered)
+                        await processor.dead_letter_poison(inbound, final)
+                        await term_with_reason(raw, TERM_DEAD_LETTERED)
+                        continue
+                    await raw.ack()
                     continue
                 delay = backoff_delay(retry_delay, inbound.num_delivered)
                 log.exception("processing %s failed; redelivering in %.1fs", raw.subject[:128], delay)

@@ -31,16 +31,18 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any, Protocol, cast
 
+import nats.errors
 from faststream.middlewares import AckPolicy
 from faststream.nats import JStream, NatsMessage, NatsRouter, PullSub
 from nats.aio.msg import Msg
 from opentelemetry import trace
 from prometheus_client import CollectorRegistry, Counter
 from pydantic import ValidationError
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError
 
 from libs.contracts import DeadLetter, LifecycleEvent, dumps, error_list, parse_event
 from libs.contracts import tracing as telemetry
+from libs.contracts.dlq import TERM_DEAD_LETTERED, term_with_reason, wait_out_transient
 from libs.contracts.notifications import FieldError
 from libs.contracts.subjects import (
     CONSUMER_NOTIFIER,
@@ -60,6 +62,16 @@ log = logging.getLogger("baton.notifier")
 default_tracer = trace.get_tracer("baton.notifier")
 
 SERVICE = "notifier"
+#: Failures worth waiting out (the database or NATS briefly unreachable): never dead-lettered.
+TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
+    OperationalError,
+    InterfaceError,
+    TimeoutError,
+    ConnectionError,
+    nats.errors.ConnectionClosedError,
+    nats.errors.NoServersError,
+    nats.errors.TimeoutError,
+)
 #: The provisioned consumer this service reads (its max_deliver decides the last delivery).
 CONSUMER_SPEC = next(c for c in SERVICE_CONSUMERS if c.stream == STREAM_EVENTS and c.durable == CONSUMER_NOTIFIER)
 
@@ -418,6 +430,20 @@ def build_router(
                     result = await processor.process(inbound)
             except Exception as exc:
                 if processor.is_last_delivery(inbound):
+                    try:  # a transient failure is waited out here: an outage never dead-letters
+                        result = await wait_out_transient(
+                            lambda: processor.process(inbound),  # noqa: B023 (awaited within this iteration)
+                            exc,
+                            TRANSIENT_ERRORS,
+                            heartbeat=raw.in_progress,
+                            base_delay=retry_delay,
+                        )
+                    except Exception as final:
+                        exc = final
+                    else:
+                        await _settle(raw, result)
+                        count(result.outcome.value)
+                        continue
                     log.exception("giving up on %s after %d deliveries", raw.subject[:128], inbound.num_delivered)
                     try:
                         await processor.dead_letter_poison(inbound, exc)
@@ -428,7 +454,7 @@ def build_router(
                             await later.nak(delay=retry_delay)
                         count("lost")
                         return
-                    await raw.term()
+                    await term_with_reason(raw, TERM_DEAD_LETTERED)
                     count("gave_up")
                     continue
                 log.exception("processing %s failed; redelivering in %.1fs", raw.subject[:128], retry_delay)
@@ -437,13 +463,18 @@ def build_router(
                     await later.nak(delay=retry_delay)
                 count("retried")
                 return
-            if result.outcome is Outcome.WAITING:
-                await raw.nak(delay=result.retry_in)
-            else:
-                await raw.ack()
+            await _settle(raw, result)
             count(result.outcome.value)
 
     return router
+
+
+async def _settle(raw: Msg, result: Result) -> None:
+    """Ack once the effect is committed; a message waiting for an earlier one comes back later."""
+    if result.outcome is Outcome.WAITING:
+        await raw.nak(delay=result.retry_in)
+    else:
+        await raw.ack()
 
 
 async def raw_batch(msg: NatsMessage) -> list[bytes]:

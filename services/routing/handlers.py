@@ -40,6 +40,7 @@ from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Annotated, Protocol, cast
 
+import nats.errors
 import orjson
 from faststream.middlewares import AckPolicy
 from faststream.nats import JStream, NatsMessage, NatsRouter, PullSub
@@ -48,7 +49,7 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace
 from prometheus_client import CollectorRegistry, Counter
 from pydantic import Field, ValidationError
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError
 
 from libs.contracts import (
     SERVICE_TYPES,
@@ -62,6 +63,7 @@ from libs.contracts import (
     parse_event,
 )
 from libs.contracts import tracing as telemetry
+from libs.contracts.dlq import TERM_DEAD_LETTERED, term_with_reason, wait_out_transient
 from libs.contracts.envelope import ID_RE, RequestId, Slug, StrictModel, Timestamp
 from libs.contracts.events import SlaClock
 from libs.contracts.notifications import FieldError
@@ -91,6 +93,16 @@ log = logging.getLogger("baton.routing")
 default_tracer = trace.get_tracer("baton.routing")
 
 SERVICE = "routing"
+#: Failures worth waiting out (the database or NATS briefly unreachable): never dead-lettered.
+TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
+    OperationalError,
+    InterfaceError,
+    TimeoutError,
+    ConnectionError,
+    nats.errors.ConnectionClosedError,
+    nats.errors.NoServersError,
+    nats.errors.TimeoutError,
+)
 ROUTED_SUBJECT = service_subject(SERVICE, "routed")
 #: Where each event type routing emits goes (all through intake).
 EMIT_SUBJECTS = {t: service_subject(SERVICE, t) for t, owner in SERVICE_TYPES.items() if owner == SERVICE}
@@ -577,17 +589,32 @@ def build_router(
                     outcome = await processor.process(inbound)
             except Exception as exc:
                 if limit.is_last(inbound.num_delivered):
+                    try:  # a transient failure is waited out here: an outage never dead-letters
+                        outcome = await wait_out_transient(
+                            lambda: processor.process(inbound),  # noqa: B023 (awaited within this iteration)
+                            exc,
+                            TRANSIENT_ERRORS,
+                            heartbeat=raw.in_progress,
+                            base_delay=retry_delay,
+                        )
+                    except Exception as final:
+                        exc = final
+                    else:
+                        await raw.ack()
+                        count(outcome.value)
+                        continue
                     log.exception("giving up on %s after %d deliveries", raw.subject[:128], inbound.num_delivered)
                     try:
                         await processor.dead_letter_poison(inbound, exc)
                     except Exception:
-                        # Nothing more can be done for this one (no delivery left): it stays unacked, logged here.
+                        # No delivery left: it stays unacked; JetStream's max-deliveries advisory then
+                        # dead-letters it (intake's advisory consumer, docs/reliability.md).
                         log.exception("dead-lettering %s failed; the message is lost", raw.subject[:128])
                         for later in raws[index + 1 :]:
                             await later.nak(delay=retry_delay)
                         count("lost")
                         return
-                    await raw.term()
+                    await term_with_reason(raw, TERM_DEAD_LETTERED)
                     count("gave_up")
                     continue
                 delay = backoff_delay(retry_delay, inbound.num_delivered)
@@ -641,7 +668,7 @@ def build_router(
             if result.handling is TimerHandling.RETRY:
                 await raw.nak(delay=result.delay)
             elif result.handling is TimerHandling.DEAD_LETTERED:
-                await raw.term()
+                await term_with_reason(raw, TERM_DEAD_LETTERED)
             else:
                 await raw.ack()
             count_timer(kind, result.outcome)

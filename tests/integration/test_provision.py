@@ -55,7 +55,14 @@ async def test_streams_have_their_spec(nc: NATS) -> None:
         assert config.storage == StorageType.FILE
         assert config.num_replicas == 1
         assert config.allow_msg_schedules is (True if spec.allow_msg_schedules else None)
-    assert {s.name for s in STREAMS} == {"BATON_IN", "BATON_EVENTS", "BATON_NOTIFY", "BATON_DLQ", "BATON_TIMERS"}
+    assert {s.name for s in STREAMS} == {
+        "BATON_IN",
+        "BATON_EVENTS",
+        "BATON_NOTIFY",
+        "BATON_DLQ",
+        "BATON_TIMERS",
+        "BATON_ADVISORIES",
+    }
     inbound = (await jsm.stream_info(STREAM_IN)).config
     assert inbound.duplicate_window is not None
     assert inbound.duplicate_window >= 600
