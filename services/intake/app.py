@@ -8,6 +8,7 @@ import logging
 import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 import nats
 from fastapi import FastAPI
@@ -41,9 +42,13 @@ def make_tracer_provider(service_name: str) -> TracerProvider:
     return provider
 
 
-async def require_consumer(servers: list[str], stream: str, durable: str) -> None:
+async def require_consumer(
+    servers: list[str], stream: str, durable: str, options: dict[str, Any] | None = None
+) -> None:
     """Fail fast, with the fix, when the durable consumer was not provisioned (services never create one)."""
-    nc = await nats.connect(servers, connect_timeout=5, max_reconnect_attempts=3, name=f"{SERVICE_NAME}-check")
+    nc = await nats.connect(
+        servers, connect_timeout=5, max_reconnect_attempts=3, name=f"{SERVICE_NAME}-check", **(options or {})
+    )
     try:
         await nc.jetstream().consumer_info(stream, durable)
     except NotFoundError as exc:
@@ -57,8 +62,10 @@ def create_app(settings: IntakeSettings, *, tracer_provider: TracerProvider | No
     registry = CollectorRegistry()
     servers = [s.strip() for s in settings.nats_url.split(",") if s.strip()]
 
+    nats_options = settings.nats_options()  # this service's NATS login (docs/security.md)
     broker = NatsBroker(
         servers,
+        **settings.broker_options(),
         name=SERVICE_NAME,
         max_reconnect_attempts=-1,
         reconnect_time_wait=1,
@@ -92,7 +99,7 @@ def create_app(settings: IntakeSettings, *, tracer_provider: TracerProvider | No
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         await database.start()
-        await require_consumer(servers, STREAM_IN, CONSUMER_INTAKE)
+        await require_consumer(servers, STREAM_IN, CONSUMER_INTAKE, nats_options)
         await broker.start()
         log.info("intake consuming %s/%s", STREAM_IN, CONSUMER_INTAKE)
         outbox = asyncio.create_task(_drain_outbox(processor, settings.outbox_interval), name="intake-outbox")

@@ -73,9 +73,13 @@ def make_tracer_provider(service_name: str) -> TracerProvider:
     return provider
 
 
-async def require_consumer(servers: list[str], stream: str, durable: str) -> None:
+async def require_consumer(
+    servers: list[str], stream: str, durable: str, options: dict[str, Any] | None = None
+) -> None:
     """Fail fast, with the fix, when the durable consumer was not provisioned (services never create one)."""
-    nc = await nats.connect(servers, connect_timeout=5, max_reconnect_attempts=3, name=f"{SERVICE_NAME}-check")
+    nc = await nats.connect(
+        servers, connect_timeout=5, max_reconnect_attempts=3, name=f"{SERVICE_NAME}-check", **(options or {})
+    )
     try:
         await nc.jetstream().consumer_info(stream, durable)
     except NotFoundError as exc:
@@ -195,8 +199,10 @@ def create_app(
     registry = CollectorRegistry()
     servers = [s.strip() for s in settings.nats_url.split(",") if s.strip()]
 
+    nats_options = settings.nats_options()  # this service's NATS login (docs/security.md)
     broker = NatsBroker(
         servers,
+        **settings.broker_options(),
         name=SERVICE_NAME,
         max_reconnect_attempts=-1,
         reconnect_time_wait=1,
@@ -260,7 +266,7 @@ def create_app(
             )
         await database.start()
         await business.refresh_open()
-        await require_consumer(servers, STREAM_EVENTS, CONSUMER_METRICS)
+        await require_consumer(servers, STREAM_EVENTS, CONSUMER_METRICS, nats_options)
         await broker.start()
         log.info("metrics consuming %s/%s", STREAM_EVENTS, CONSUMER_METRICS)
         try:

@@ -57,9 +57,13 @@ def make_tracer_provider(service_name: str) -> TracerProvider:
     return provider
 
 
-async def require_consumer(servers: list[str], stream: str, durable: str) -> ConsumerConfig:
+async def require_consumer(
+    servers: list[str], stream: str, durable: str, options: dict[str, Any] | None = None
+) -> ConsumerConfig:
     """The provisioned consumer's config; fail fast, with the fix, when it is missing (services never create one)."""
-    nc = await nats.connect(servers, connect_timeout=5, max_reconnect_attempts=3, name=f"{SERVICE_NAME}-check")
+    nc = await nats.connect(
+        servers, connect_timeout=5, max_reconnect_attempts=3, name=f"{SERVICE_NAME}-check", **(options or {})
+    )
     try:
         config: ConsumerConfig = (await nc.jetstream().consumer_info(stream, durable)).config
         return config
@@ -89,8 +93,10 @@ def create_app(
     )
     servers = [s.strip() for s in settings.nats_url.split(",") if s.strip()]
 
+    nats_options = settings.nats_options()  # this service's NATS login (docs/security.md)
     broker = NatsBroker(
         servers,
+        **settings.broker_options(),
         name=SERVICE_NAME,
         max_reconnect_attempts=-1,
         reconnect_time_wait=1,
@@ -180,8 +186,8 @@ def create_app(
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         await database.start()
-        consumer = await require_consumer(servers, STREAM_EVENTS, CONSUMER_ROUTING)
-        await require_consumer(servers, STREAM_TIMERS, CONSUMER_ROUTING_TIMERS)
+        consumer = await require_consumer(servers, STREAM_EVENTS, CONSUMER_ROUTING, nats_options)
+        await require_consumer(servers, STREAM_TIMERS, CONSUMER_ROUTING_TIMERS, nats_options)
         if consumer.max_deliver is not None:
             limit.max_deliver = consumer.max_deliver
         await broker.start()
