@@ -143,6 +143,12 @@ class NatsClientSettings(BaseSettings):
             out["security"] = NatsSecurity(ssl_context=tls)
         return out
 
+    def subscriber_inbox_prefix(self) -> bytes:
+        """FastStream pull subscribers take their inbox prefix per subscriber (``inbox_prefix=``), not from
+        the connection: ``b"<prefix>."`` so that their fetches are answered on the inbox this user may read."""
+        prefix = self.nats_options().get("inbox_prefix") or "_INBOX"
+        return f"{prefix}.".encode()
+
     def uvicorn_tls(self) -> dict[str, Any]:
         """``ssl_certfile``/``ssl_keyfile`` for uvicorn when both are set (else plain HTTP)."""
         if self.http_tls_cert and self.http_tls_key:

@@ -93,6 +93,7 @@ def create_app(settings: IntakeSettings, *, tracer_provider: TracerProvider | No
             batch_size=settings.fetch_batch,
             fetch_timeout=settings.fetch_timeout,
             retry_delay=settings.retry_delay,
+            inbox_prefix=settings.subscriber_inbox_prefix(),
         )
     )
 

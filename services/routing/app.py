@@ -146,6 +146,7 @@ def create_app(
             batch_size=settings.fetch_batch,
             fetch_timeout=settings.fetch_timeout,
             retry_delay=settings.retry_delay,
+            inbox_prefix=settings.subscriber_inbox_prefix(),
             metrics=metrics,
             tracer=tracer_provider.get_tracer("baton.routing"),
             limit=limit,
