@@ -7,10 +7,10 @@ from pathlib import Path
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
-from libs.contracts.natsauth import NatsClientSettings
+from libs.contracts import natsauth
 
 
-class MetricsSettings(NatsClientSettings):
+class MetricsSettings(natsauth.NatsClientSettings):
     """NATS login and TLS, HTTPS: the fields of :class:`NatsClientSettings` (docs/security.md)."""
 
     model_config = SettingsConfigDict(env_prefix="BATON_METRICS_", extra="ignore")

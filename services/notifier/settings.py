@@ -5,10 +5,10 @@ from __future__ import annotations
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
-from libs.contracts.natsauth import NatsClientSettings
+from libs.contracts import natsauth
 
 
-class NotifierSettings(NatsClientSettings):
+class NotifierSettings(natsauth.NatsClientSettings):
     """NATS login and TLS, HTTPS: the fields of :class:`NatsClientSettings` (docs/security.md)."""
 
     model_config = SettingsConfigDict(env_prefix="BATON_NOTIFIER_", extra="ignore")

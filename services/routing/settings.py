@@ -5,10 +5,10 @@ from __future__ import annotations
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
-from libs.contracts.natsauth import NatsClientSettings
+from libs.contracts import natsauth
 
 
-class RoutingSettings(NatsClientSettings):
+class RoutingSettings(natsauth.NatsClientSettings):
     """NATS login and TLS, HTTPS: the fields of :class:`NatsClientSettings` (docs/security.md)."""
 
     model_config = SettingsConfigDict(env_prefix="BATON_ROUTING_", extra="ignore")

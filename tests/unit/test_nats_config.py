@@ -8,6 +8,7 @@ from pathlib import Path
 
 import bcrypt
 import pytest
+import yaml
 from typer.testing import CliRunner
 
 from baton import nats_config
@@ -200,3 +201,35 @@ def test_a_broken_credential_file_is_reported_with_its_path(tmp_path: Path) -> N
     path.write_text(json.dumps({"user": "dept-it"}))
     with pytest.raises(ValueError, match=r"it\.json"):
         connect_options(credentials=path)
+
+
+def test_compose_creates_nats_users_before_nats_and_every_client_uses_its_own() -> None:
+    """docker-compose.yml: the nats-users job writes the nats-auth volume, every NATS node includes its
+    auth.conf, the provisioning job is the admin and each service reads its own credential file."""
+    root = Path(__file__).parents[2]
+    compose = yaml.safe_load((root / "docker-compose.yml").read_text(encoding="utf-8"))
+    services = compose["services"]
+    job = services["nats-users"]
+    assert job["command"][:2] == ["baton", "nats-config"]
+    out = job["command"][job["command"].index("--out") + 1]
+    assert f"nats-auth:{out}" in job["volumes"]
+    assert "nats-auth" in compose["volumes"]
+    nodes = [s for s in services.values() if str(s.get("image", "")).startswith("nats:")]
+    assert len(nodes) == 3
+    for node in nodes:
+        assert "nats-auth:/etc/nats-auth:ro" in node["volumes"]
+        assert node["depends_on"]["nats-users"]["condition"] == "service_completed_successfully"
+        conf = root / "deploy" / node["command"][1].removeprefix("/etc/")
+        if "${" in node["command"][1]:
+            conf = root / "deploy" / "nats" / "standalone.conf"
+        assert "include ../nats-auth/auth.conf" in conf.read_text(encoding="utf-8"), conf
+    provision = services["provision"]["command"]
+    assert provision[provision.index("--creds") + 1] == f"{out}/creds/admin.json"
+    for name, svc in services.items():
+        command = svc.get("command") or []
+        if command[:2] != ["python", "-m"]:
+            continue
+        service = command[2].removeprefix("services.")
+        env = svc["environment"]
+        assert env[f"BATON_{service.upper()}_NATS_CREDENTIALS"] == f"{out}/creds/services/{service}.json", name
+        assert f"nats-auth:{out}:ro" in svc["volumes"], name
