@@ -172,8 +172,10 @@ def tail(
     with contextlib.suppress(KeyboardInterrupt):
         # The department reads its own durable consumer as itself; a replay (--since) needs a consumer
         # of its own, which only the operator may create.
-        who = ("admin", "admin") if since else ("department", dept)
-        options = cli_options(who[0], who[1], creds=creds, data_dir=data_dir)  # type: ignore[arg-type]
+        if since:
+            options = cli_options("admin", "admin", creds=creds, data_dir=data_dir)
+        else:
+            options = cli_options("department", dept, creds=creds, data_dir=data_dir)
         asyncio.run(follow(dept, nats_url, since, emit, limit=count, options=options))
 
 

@@ -24,6 +24,7 @@ import pytest
 from nats.aio.client import Client as NATS
 from nats.errors import TimeoutError as NatsTimeoutError
 
+from baton.cmd_notify import follow
 from baton.nats_config import AUTH_CONF, credential_path, write_nats_config
 from baton.natsserver import NatsServer
 from baton.provision import provision
@@ -329,3 +330,21 @@ async def test_services_have_what_they_need_and_no_more(secured: Secured, catalo
             await nats.connect(url, allow_reconnect=False, max_reconnect_attempts=0, connect_timeout=2)
     finally:
         await admin.close()
+
+
+async def test_baton_tail_reads_as_the_department_and_replays_as_the_operator(secured: Secured) -> None:
+    url = secured.server.url
+    admin = await nats.connect(url, **secured.options())
+    try:
+        await _seed_notifications(admin, ["it"])
+    finally:
+        await admin.close()
+    shown: list[bytes] = []
+    it = secured.options("department", "it")
+    assert await follow("it", url, None, shown.append, limit=1, idle_exit=5, options=it) == 1
+    assert orjson.loads(shown[0])["department"] == "it"
+    # a replay needs a consumer of its own: refused to the department, done by the operator
+    with pytest.raises((NatsTimeoutError, TimeoutError)):
+        await asyncio.wait_for(follow("it", url, "1h", shown.append, limit=1, idle_exit=2, options=it), 30)
+    assert await follow("it", url, "1h", shown.append, limit=1, idle_exit=5, options=secured.options()) == 1
+    assert len(shown) == 2
