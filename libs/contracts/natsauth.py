@@ -46,7 +46,7 @@ class NatsCredential:
 
     def dump(self, path: Path) -> None:
         """Write the file readable by its owner only (created 0600, never world-readable for a moment)."""
-        path.parent.mkdir(parents=True, exist_ok=True)
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         text = json.dumps({"user": self.user, "password": self.password, "inbox_prefix": self.inbox_prefix}, indent=2)
         tmp = path.with_name(path.name + ".tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
