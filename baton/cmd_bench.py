@@ -27,6 +27,10 @@ def bench(
     profile: Annotated[
         str, typer.Option(help="Comma-separated services to run under cProfile (embedded stack; slows them).")
     ] = "",
+    creds: Annotated[
+        Path | None,
+        typer.Option("--creds", envvar="BATON_NATS_CREDS", help="Admin NATS credential file of a running stack."),
+    ] = None,
 ) -> None:
     """Measure Baton's end-to-end throughput and latency next to the raw NATS limit (same run, same broker)."""
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
@@ -41,6 +45,7 @@ def bench(
         out_dir=out,
         drain_timeout=drain_timeout,
         profile=tuple(p for p in profile.split(",") if p),
+        creds=creds,
     )
     result, path = asyncio.run(Bench(config, echo=typer.echo).run())
     typer.echo("")

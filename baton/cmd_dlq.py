@@ -43,6 +43,7 @@ from libs.contracts.subjects import (
     dlq_replay_subject,
 )
 
+from .nats_config import cli_options
 from .supervisor import DEFAULT_NATS_PORT
 
 dlq_app = typer.Typer(help="The dead-letter queue: list, show and replay entries.", no_args_is_help=True)
@@ -240,7 +241,9 @@ def parse_since(value: str | None, now: datetime | None = None) -> datetime | No
 
 async def _connect(url: str) -> NATS:
     servers = [s.strip() for s in url.split(",") if s.strip()]
-    return await nats.connect(servers, name="baton-dlq", connect_timeout=5, max_reconnect_attempts=3)
+    # As the operator: $BATON_NATS_CREDS, else the admin credential `baton up` wrote, else no auth.
+    options = cli_options("admin", "admin")
+    return await nats.connect(servers, name="baton-dlq", connect_timeout=5, max_reconnect_attempts=3, **options)
 
 
 def _fail(message: str) -> None:

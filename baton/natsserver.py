@@ -112,6 +112,7 @@ class NatsServer:
         binary: Path | None = None,
         ready_timeout: float = 10.0,
         die_with_parent: bool = False,
+        client_options: dict[str, Any] | None = None,
     ) -> None:
         self.store_dir = Path(store_dir)
         self.host = host
@@ -126,6 +127,9 @@ class NatsServer:
         #: Linux: SIGTERM the server if the thread that started it dies (see ``die_with_parent``).
         #: Only for callers that start it from a long-lived thread, like ``baton up``'s event loop.
         self.die_with_parent = die_with_parent
+        #: nats-py ``connect`` keywords for the readiness probe (a user allowed ``$JS.API.INFO``, TLS)
+        #: when the config (``extra_config``) requires authentication or TLS.
+        self.client_options: dict[str, Any] = dict(client_options or {})
         self._proc: subprocess.Popen[bytes] | None = None
         self._finalizer: weakref.finalize[Any, Any] | None = None
 
@@ -232,6 +236,7 @@ class NatsServer:
                 allow_reconnect=False,
                 max_reconnect_attempts=0,
                 error_cb=quiet,
+                **self.client_options,
             )
         except Exception:
             return False

@@ -316,6 +316,7 @@ async def provision(
     dry_run: bool = False,
     api_timeout: float = 5.0,
     overrides: ConsumerOverrides | None = None,
+    connect_options: dict[str, Any] | None = None,
 ) -> ProvisionReport:
     """Create or update every stream in ``STREAMS`` and every consumer in ``SERVICE_CONSUMERS``,
     plus one notification consumer per catalog department. Running it twice changes nothing.
@@ -323,12 +324,19 @@ async def provision(
     ``nc_or_url``: a connected client (left open) or a server URL (connected and closed here).
     ``dry_run``: compute the report without changing anything. ``api_timeout``: per JetStream API request.
     ``overrides``: per-durable spec changes (see :func:`consumer_specs`).
+    ``connect_options``: nats-py ``connect`` keywords (the admin credential, TLS) when given a URL.
     """
     specs = consumer_specs(catalog, overrides)
     configs = [(spec.stream, consumer_config(spec)) for spec in specs]  # validate every spec before any change
     own = isinstance(nc_or_url, str)
     if isinstance(nc_or_url, str):
-        nc = await nats.connect(nc_or_url, name="baton-provision", connect_timeout=api_timeout, allow_reconnect=False)
+        nc = await nats.connect(
+            nc_or_url,
+            name="baton-provision",
+            connect_timeout=api_timeout,
+            allow_reconnect=False,
+            **(connect_options or {}),
+        )
     else:
         nc = nc_or_url
     try:

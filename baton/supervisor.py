@@ -15,13 +15,16 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 
 from libs.contracts import Catalog
 from libs.contracts.catalog_file import load_catalog
+from libs.contracts.natsauth import connect_options
 
 from .cmd_tokens import ensure_stack_tokens
+from .nats_config import AUTH_CONF, Kind, credential_path, write_nats_config
 from .natsserver import NatsServer, die_with_parent, free_port
 from .provision import provision
 
@@ -48,6 +51,9 @@ class StackConfig:
     nats_url: str | None = None  # target a running NATS instead of starting one
     extra_env: dict[str, str] = field(default_factory=dict)
     ready_timeout: float = 60.0
+    #: NATS users per department and service (docs/security.md). With ``nats_url`` (a running server),
+    #: the credential files already under ``data_dir/nats/creds`` are used when there are any.
+    auth: bool = True
 
 
 @dataclass
@@ -79,6 +85,9 @@ class Stack:
         self._closing = False
         self.tokens_path = self.data_dir / "tokens.yaml"
         self.new_tokens_file: Path | None = None
+        self.nats_dir = self.data_dir / "nats"
+        #: True once NATS users are in force: every client then needs its credential file.
+        self.auth = False
 
     # --- start ---------------------------------------------------------------------
     async def start(self) -> None:
@@ -87,17 +96,25 @@ class Stack:
         self.new_tokens_file = ensure_stack_tokens(self.data_dir, [d.slug for d in self.catalog.departments])
         if self.new_tokens_file is not None:
             log.info("made department tokens; their only plaintext copy is %s", self.new_tokens_file)
+        if self.config.auth and not self.nats_url:
+            # Users from the current catalog on every start; existing passwords are kept.
+            report = write_nats_config(self.nats_dir, self.catalog, server_conf=False)
+            if report.created:
+                log.info("made NATS credentials for %s in %s", ", ".join(report.created), self.nats_dir / "creds")
+        self.auth = self.config.auth and credential_path(self.nats_dir, "admin", "admin").exists()
         if not self.nats_url:
             self.nats = NatsServer(
-                self.data_dir / "nats",
+                self.nats_dir,
                 port=self.config.nats_port,
                 monitor_port=self.config.monitor_port,
                 server_name="baton-embedded",
                 die_with_parent=True,
+                extra_config=f"include {AUTH_CONF}" if self.auth else "",
+                client_options=self.client_options(),
             )
             await self.nats.start_async()
             self.nats_url = self.nats.url
-        await provision(self.nats_url, self.catalog)
+        await provision(self.nats_url, self.catalog, connect_options=self.client_options())
         for index, name in enumerate(SERVICES):
             port = free_port() if self.config.http_base_port == 0 else self.config.http_base_port + index
             self.services[name] = self._service(name, port)
@@ -120,6 +137,8 @@ class Stack:
             "OTEL_SERVICE_NAME": f"baton-{name}",
             **self.config.extra_env,
         }
+        if self.auth:
+            env[prefix + "NATS_CREDENTIALS"] = str(self.credentials("service", name))
         return ServiceProcess(name, port, env, self.data_dir / "logs" / f"{name}.log")
 
     async def _spawn(self, svc: ServiceProcess) -> None:
@@ -184,6 +203,17 @@ class Stack:
                 if pending:
                     await asyncio.sleep(0.2)
 
+    # --- NATS identities -----------------------------------------------------------------
+    def credentials(self, kind: Kind = "admin", name: str = "admin") -> Path:
+        """An identity's credential file (``kind`` department/service/admin)."""
+        return credential_path(self.nats_dir, kind, name)
+
+    def client_options(self, kind: Kind = "admin", name: str = "admin") -> dict[str, Any]:
+        """``nats.connect`` keywords for an identity; empty when the stack runs without NATS users."""
+        if not self.auth:
+            return {}
+        return connect_options(credentials=self.credentials(kind, name))
+
     # --- control (tests and faults use these) ------------------------------------------
     async def kill_service(self, name: str, sig: int = signal.SIGKILL) -> None:
         """Send ``sig`` to a service; the supervisor restarts it like a real crash."""
@@ -216,6 +246,12 @@ class Stack:
 
     def describe(self) -> list[tuple[str, str]]:
         rows = [("NATS", self.nats_url)]
+        if self.auth:
+            rows.append(
+                ("NATS users", f"{self.nats_dir / 'creds'} (one credential file per department; docs/security.md)")
+            )
+        else:
+            rows.append(("NATS users", "none: anyone who reaches the port may publish and read everything"))
         if self.nats is not None and self.nats.monitor_url:
             rows.append(("NATS monitoring", self.nats.monitor_url))
         for svc in self.services.values():

@@ -172,7 +172,12 @@ def backoff_delay(base: float, num_delivered: int, cap: float = MAX_RETRY_DELAY)
 
 
 def build_advisory_router(
-    processor: AdvisoryProcessor, *, batch_size: int, fetch_timeout: float, retry_delay: float
+    processor: AdvisoryProcessor,
+    *,
+    batch_size: int,
+    fetch_timeout: float,
+    retry_delay: float,
+    inbox_prefix: bytes = b"_INBOX.",  # the service's own (docs/security.md)
 ) -> NatsRouter:
     """The durable ``advisories`` consumer on ``BATON_ADVISORIES`` (provisioned by Baton).
 
@@ -186,6 +191,7 @@ def build_advisory_router(
         stream=JStream(STREAM_ADVISORIES, declare=False),
         durable=CONSUMER_ADVISORIES,
         pull_sub=PullSub(batch_size=batch_size, timeout=fetch_timeout, batch=True),
+        inbox_prefix=inbox_prefix,
         ack_policy=AckPolicy.MANUAL,
         decoder=_raw_batch,
         title="intake:advisories",

@@ -7,6 +7,7 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 import nats
 from fastapi import FastAPI
@@ -30,11 +31,13 @@ SERVICE_NAME = "baton-intake"
 log = logging.getLogger("baton.intake")
 
 
-async def require_consumer(servers: list[str], stream: str, durable: str) -> int:
+async def require_consumer(servers: list[str], stream: str, durable: str, options: dict[str, Any] | None = None) -> int:
     """Fail fast, with the fix, when the durable consumer was not provisioned (services never create one).
 
     Returns the consumer's provisioned ``max_deliver`` (the handler dead-letters on that delivery)."""
-    nc = await nats.connect(servers, connect_timeout=5, max_reconnect_attempts=3, name=f"{SERVICE_NAME}-check")
+    nc = await nats.connect(
+        servers, connect_timeout=5, max_reconnect_attempts=3, name=f"{SERVICE_NAME}-check", **(options or {})
+    )
     try:
         info = await nc.jetstream().consumer_info(stream, durable)
         return int(info.config.max_deliver or -1)
@@ -50,8 +53,10 @@ def create_app(settings: IntakeSettings, *, tracer_provider: TracerProvider | No
     registry = CollectorRegistry()
     servers = [s.strip() for s in settings.nats_url.split(",") if s.strip()]
 
+    nats_options = settings.nats_options()  # this service's NATS login (docs/security.md)
     broker = NatsBroker(
         servers,
+        **settings.broker_options(),
         name=SERVICE_NAME,
         max_reconnect_attempts=-1,
         reconnect_time_wait=1,
@@ -80,6 +85,7 @@ def create_app(settings: IntakeSettings, *, tracer_provider: TracerProvider | No
             fetch_timeout=settings.fetch_timeout,
             retry_delay=settings.retry_delay,
             max_deliver=lambda: limits.get("max_deliver"),
+            inbox_prefix=settings.subscriber_inbox_prefix(),
         )
     )
     # Dead letters from JetStream's give-up advisories, for every service consumer (docs/reliability.md).
@@ -92,14 +98,15 @@ def create_app(settings: IntakeSettings, *, tracer_provider: TracerProvider | No
             batch_size=settings.fetch_batch,
             fetch_timeout=settings.fetch_timeout,
             retry_delay=settings.retry_delay,
+            inbox_prefix=settings.subscriber_inbox_prefix(),
         )
     )
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         await database.start(migrate=settings.migrate_on_start)
-        limits["max_deliver"] = await require_consumer(servers, STREAM_IN, CONSUMER_INTAKE)
-        await require_consumer(servers, STREAM_ADVISORIES, CONSUMER_ADVISORIES)
+        limits["max_deliver"] = await require_consumer(servers, STREAM_IN, CONSUMER_INTAKE, nats_options)
+        await require_consumer(servers, STREAM_ADVISORIES, CONSUMER_ADVISORIES, nats_options)
         await broker.start()
         log.info("intake consuming %s/%s", STREAM_IN, CONSUMER_INTAKE)
         outbox = asyncio.create_task(_drain_outbox(processor, settings.outbox_interval), name="intake-outbox")

@@ -379,6 +379,7 @@ def build_router(
     fetch_timeout: float,
     retry_delay: float,
     max_deliver: Callable[[], int | None] | None = None,
+    inbox_prefix: bytes = b"_INBOX.",  # the service's own (docs/security.md)
 ) -> NatsRouter:
     """Intake's only subscription: the durable ``intake`` consumer on ``BATON_IN`` (provisioned by Baton).
 
@@ -393,6 +394,7 @@ def build_router(
         stream=JStream(STREAM_IN, declare=False),
         durable=CONSUMER_INTAKE,
         pull_sub=PullSub(batch_size=batch_size, timeout=fetch_timeout, batch=True),
+        inbox_prefix=inbox_prefix,
         ack_policy=AckPolicy.MANUAL,
         decoder=raw_batch,
         title="intake:inbound",

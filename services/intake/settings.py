@@ -5,10 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 
 from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import SettingsConfigDict
+
+from libs.contracts import natsauth
 
 
-class IntakeSettings(BaseSettings):
+class IntakeSettings(natsauth.NatsClientSettings):
+    """NATS login and TLS, HTTPS: the fields of :class:`NatsClientSettings` (docs/security.md)."""
+
     model_config = SettingsConfigDict(env_prefix="BATON_INTAKE_", extra="ignore")
 
     nats_url: str = Field(default="nats://127.0.0.1:14222", description="Comma-separated NATS server URLs.")

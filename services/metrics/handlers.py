@@ -187,6 +187,7 @@ def build_router(
     fetch_timeout: float,
     retry_delay: float,
     tracer: trace.Tracer | None = None,
+    inbox_prefix: bytes = b"_INBOX.",  # the service's own (docs/security.md)
 ) -> NatsRouter:
     """Metrics' only subscription: the durable ``metrics`` consumer on ``BATON_EVENTS`` (provisioned by Baton).
 
@@ -202,6 +203,7 @@ def build_router(
         stream=JStream(STREAM_EVENTS, declare=False),
         durable=CONSUMER_METRICS,
         pull_sub=PullSub(batch_size=batch_size, timeout=fetch_timeout, batch=True),
+        inbox_prefix=inbox_prefix,
         ack_policy=AckPolicy.MANUAL,
         decoder=raw_batch,
         title="metrics:events",

@@ -388,6 +388,7 @@ def build_router(
     retry_delay: float,
     metrics: NotifierMetrics | None = None,
     tracer: trace.Tracer | None = None,
+    inbox_prefix: bytes = b"_INBOX.",  # the service's own (docs/security.md)
 ) -> NatsRouter:
     """The notifier's only subscription: the durable ``notifier`` consumer on ``BATON_EVENTS`` (provisioned).
 
@@ -408,6 +409,7 @@ def build_router(
         stream=JStream(STREAM_EVENTS, declare=False),
         durable=CONSUMER_NOTIFIER,
         pull_sub=PullSub(batch_size=batch_size, timeout=fetch_timeout, batch=True),
+        inbox_prefix=inbox_prefix,
         ack_policy=AckPolicy.MANUAL,
         decoder=raw_batch,
         title="notifier:events",

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import SettingsConfigDict
+
+from libs.contracts import natsauth
 
 
-class NotifierSettings(BaseSettings):
+class NotifierSettings(natsauth.NatsClientSettings):
+    """NATS login and TLS, HTTPS: the fields of :class:`NatsClientSettings` (docs/security.md)."""
+
     model_config = SettingsConfigDict(env_prefix="BATON_NOTIFIER_", extra="ignore")
 
     nats_url: str = Field(default="nats://127.0.0.1:14222", description="Comma-separated NATS server URLs.")

@@ -546,6 +546,7 @@ def build_router(
     metrics: RoutingMetrics | None = None,
     tracer: trace.Tracer | None = None,
     limit: DeliveryLimit | None = None,
+    inbox_prefix: bytes = b"_INBOX.",  # the service's own (docs/security.md)
 ) -> NatsRouter:
     """Routing's subscriptions: ``routing`` on ``BATON_EVENTS`` and ``routing-timers`` on ``BATON_TIMERS``.
 
@@ -567,6 +568,7 @@ def build_router(
         stream=JStream(STREAM_EVENTS, declare=False),
         durable=CONSUMER_ROUTING,
         pull_sub=PullSub(batch_size=batch_size, timeout=fetch_timeout, batch=True),
+        inbox_prefix=inbox_prefix,
         ack_policy=AckPolicy.MANUAL,
         decoder=raw_batch,
         title="routing:events",
@@ -639,6 +641,7 @@ def build_router(
         stream=JStream(STREAM_TIMERS, declare=False),
         durable=CONSUMER_ROUTING_TIMERS,
         pull_sub=PullSub(batch_size=batch_size, timeout=fetch_timeout, batch=True),
+        inbox_prefix=inbox_prefix,
         ack_policy=AckPolicy.MANUAL,
         decoder=raw_batch,
         title="routing:timers",
