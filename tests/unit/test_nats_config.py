@@ -100,7 +100,8 @@ def test_services_publish_only_what_they_own() -> None:
         assert allowed(perms.publish, f"baton.dlq.{service}.poison")
         assert not allowed(perms.publish, "baton.in.it.created")
         assert perms.subscribe == (f"_INBOX_svc_{service}.>",)
-        others = [s for s in SERVICES if s != service]
+        # Intake writes the dead letters of every consumer JetStream gave up on (its advisory consumer).
+        others = [s for s in SERVICES if s != service] if service != "intake" else []
         assert not any(allowed(perms.publish, f"baton.dlq.{o}.poison") for o in others)
 
 
