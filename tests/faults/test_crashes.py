@@ -14,7 +14,7 @@ from .oracle import Oracle, assert_clean, show
 
 pytestmark = [pytest.mark.faults, pytest.mark.timeout(300)]
 
-N = 30
+N = 25
 
 
 async def test_kill_9_each_service_in_turn_during_the_load(start_stack: StartStack, capsys: Any) -> None:
