@@ -35,11 +35,13 @@ async def test_nats_server_restarted_during_the_load(start_stack: StartStack, ca
     try:
         load = asyncio.create_task(oracle.run())
         down = 0.0
+        pids = [stack.nats.pid if stack.nats else None]
         for kill in (False, True):
             await asyncio.sleep(4.0)
             started = time.monotonic()
             await stack.restart_nats(kill=kill)
             down += time.monotonic() - started
+            pids.append(stack.nats.pid if stack.nats else None)
         load_seconds = await load
         report = await oracle.check("restart nats-server")
         report.notes |= {
@@ -50,6 +52,7 @@ async def test_nats_server_restarted_during_the_load(start_stack: StartStack, ca
         }
         show(report, capsys)
         assert_clean(report)
+        assert len(set(pids)) == 3, pids  # three different nats-server processes served the load
     finally:
         await oracle.close()
 
