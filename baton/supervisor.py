@@ -54,6 +54,11 @@ class StackConfig:
     #: NATS users per department and service (docs/security.md). With ``nats_url`` (a running server),
     #: the credential files already under ``data_dir/nats/creds`` are used when there are any.
     auth: bool = True
+    #: Per service (``{"routing": {...}}``), applied over ``extra_env``: e.g. a database URL, a failpoint.
+    service_env: dict[str, dict[str, str]] = field(default_factory=dict)
+    #: Restart policy of a service that exits on its own (the fault tests kill services on purpose).
+    max_restarts: int = MAX_RESTARTS
+    max_restart_delay: float = 10.0
 
 
 @dataclass
@@ -136,6 +141,7 @@ class Stack:
             prefix + "TOKENS_PATH": str(self.tokens_path),
             "OTEL_SERVICE_NAME": f"baton-{name}",
             **self.config.extra_env,
+            **self.config.service_env.get(name, {}),
         }
         if self.auth:
             env[prefix + "NATS_CREDENTIALS"] = str(self.credentials("service", name))
@@ -171,16 +177,16 @@ class Stack:
                 return
             now = time.monotonic()
             svc.restarts = [t for t in svc.restarts if now - t < RESTART_WINDOW] + [now]
-            if len(svc.restarts) > MAX_RESTARTS:
+            if len(svc.restarts) > self.config.max_restarts:
                 log.error(
                     "%s exited %d times within %.0fs; giving up (see %s)",
                     svc.name,
-                    MAX_RESTARTS,
+                    self.config.max_restarts,
                     RESTART_WINDOW,
                     svc.log_path,
                 )
                 return
-            delay = min(2.0 ** (len(svc.restarts) - 1), 10.0)
+            delay = min(2.0 ** (len(svc.restarts) - 1), self.config.max_restart_delay)
             log.warning("%s exited with %s; restarting in %.0fs (log: %s)", svc.name, code, delay, svc.log_path)
             await asyncio.sleep(delay)
             if not self._closing:
@@ -220,6 +226,12 @@ class Stack:
         proc = self.services[name].proc
         if proc is not None and proc.returncode is None:
             proc.send_signal(sig)
+
+    async def restart_nats(self, *, kill: bool = False) -> None:
+        """Stop (or kill) the embedded nats-server and start it again: same port, same JetStream data."""
+        if self.nats is None:
+            raise RuntimeError("this stack targets an external NATS; it cannot restart it")
+        await self.nats.restart_async(kill=kill)
 
     # --- stop --------------------------------------------------------------------------
     async def stop(self, grace: float = 20.0) -> None:

@@ -24,7 +24,10 @@ notifications a department chose to receive in a digest (published by ``workers.
 from __future__ import annotations
 
 import base64
+import functools
+import itertools
 import logging
+import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -203,6 +206,7 @@ class NotifierProcessor:
         if isinstance(step, _Gap):
             return await self._wait_for_gap(msg, event, step.last_sequence)
         pending, replay = step
+        failpoint(event.request_id)  # test-only
         await self._publish_all(pending)
         return Result(Outcome.REPUBLISHED if replay else Outcome.APPLIED, published=len(pending))
 
@@ -493,3 +497,30 @@ def to_inbound(raw: Msg) -> Inbound:
         stream_sequence=meta.sequence.stream,
         num_delivered=meta.num_delivered,
     )
+
+
+# --- test-only fault injection (tests/faults) ----------------------------------------------------
+@functools.cache
+def _failpoint_spec() -> tuple[str, str]:
+    """``BATON_NOTIFIER_FAILPOINT``, read once; unset (the default) everywhere but the fault tests."""
+    kind, _, arg = os.environ.get("BATON_NOTIFIER_FAILPOINT", "").partition(":")
+    return kind, arg
+
+
+_failpoint_passes = itertools.count(1)
+
+
+def failpoint(request_id: str) -> None:
+    """Test-only (tests/faults), called right after the commit and before the publishes and the ack.
+
+    ``crash_after_commit:<n>``: every n-th pass exits the process at once (``os._exit(137)``, as
+    ``kill -9`` would); ``raise_for:<request_id>``: every delivery of that request's events fails
+    (a poison message). Does nothing when ``BATON_NOTIFIER_FAILPOINT`` is unset.
+    """
+    kind, arg = _failpoint_spec()
+    if kind == "crash_after_commit" and next(_failpoint_passes) % max(int(arg), 1) == 0:
+        log.warning("failpoint crash_after_commit: exiting after the commit, before the ack")
+        logging.shutdown()
+        os._exit(137)
+    if kind == "raise_for" and request_id == arg:
+        raise RuntimeError(f"failpoint raise_for: poison request {request_id}")

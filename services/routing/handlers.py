@@ -33,7 +33,10 @@ Delivery rules (nothing lost, nothing twice):
 from __future__ import annotations
 
 import base64
+import functools
+import itertools
 import logging
+import os
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -107,6 +110,8 @@ ROUTED_SUBJECT = service_subject(SERVICE, "routed")
 #: Where each event type routing emits goes (all through intake).
 EMIT_SUBJECTS = {t: service_subject(SERVICE, t) for t, owner in SERVICE_TYPES.items() if owner == SERVICE}
 MAX_RETRY_DELAY = 30.0
+#: Longest wait of an event that arrived before an earlier one of its request (it fills within seconds).
+MAX_GAP_DELAY = 5.0
 #: Due-timer messages expire after this (``Nats-Schedule-TTL``); the reconciler re-arms any timer
 #: that was never acted on, so a routing outage longer than this loses nothing.
 DUE_TTL = "168h"
@@ -286,6 +291,7 @@ class RoutingProcessor:
             return Outcome.DEAD_LETTERED
 
         rows, outcome = await self._record(event, msg.stream_sequence)
+        failpoint(event.request_id)  # test-only
         # Published after the commit; on a crash here, redelivery finds the rows and publishes them again.
         await self._publish_rows(rows)
         if outcome in (Outcome.ROUTED, Outcome.APPLIED):
@@ -619,11 +625,17 @@ def build_router(
                     await term_with_reason(raw, TERM_DEAD_LETTERED)
                     count("gave_up")
                     continue
-                delay = backoff_delay(retry_delay, inbound.num_delivered)
                 if isinstance(exc, SequenceGap):
+                    # Only this event waits for the earlier one of its request. Naking the rest of the batch too
+                    # made them overtake each other on redelivery and wait in turn, with growing delays (a convoy
+                    # that took minutes after a 10 s database outage: tests/faults, docs/faults.md).
+                    delay = backoff_delay(retry_delay, inbound.num_delivered, cap=MAX_GAP_DELAY)
                     log.info("%s; redelivering in %.1fs", exc, delay)
-                else:
-                    log.exception("processing %s failed; redelivering in %.1fs", raw.subject[:128], delay)
+                    await raw.nak(delay=delay)
+                    count("retried")
+                    continue
+                delay = backoff_delay(retry_delay, inbound.num_delivered)
+                log.exception("processing %s failed; redelivering in %.1fs", raw.subject[:128], delay)
                 # Keep the order: this message and everything after it in the batch come back later.
                 for later in raws[index:]:
                     await later.nak(delay=delay)
@@ -710,3 +722,30 @@ def to_inbound(raw: Msg) -> Inbound:
         stream_sequence=meta.sequence.stream,
         num_delivered=meta.num_delivered,
     )
+
+
+# --- test-only fault injection (tests/faults) ----------------------------------------------------
+@functools.cache
+def _failpoint_spec() -> tuple[str, str]:
+    """``BATON_ROUTING_FAILPOINT``, read once; unset (the default) everywhere but the fault tests."""
+    kind, _, arg = os.environ.get("BATON_ROUTING_FAILPOINT", "").partition(":")
+    return kind, arg
+
+
+_failpoint_passes = itertools.count(1)
+
+
+def failpoint(request_id: str) -> None:
+    """Test-only (tests/faults), called right after the commit and before the publishes and the ack.
+
+    ``crash_after_commit:<n>``: every n-th pass exits the process at once (``os._exit(137)``, as
+    ``kill -9`` would); ``raise_for:<request_id>``: every delivery of that request's events fails
+    (a poison message). Does nothing when ``BATON_ROUTING_FAILPOINT`` is unset.
+    """
+    kind, arg = _failpoint_spec()
+    if kind == "crash_after_commit" and next(_failpoint_passes) % max(int(arg), 1) == 0:
+        log.warning("failpoint crash_after_commit: exiting after the commit, before the ack")
+        logging.shutdown()
+        os._exit(137)
+    if kind == "raise_for" and request_id == arg:
+        raise RuntimeError(f"failpoint raise_for: poison request {request_id}")
