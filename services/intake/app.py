@@ -27,6 +27,7 @@ from libs.contracts.tokens import TokenRegistry
 
 from . import api, db
 from .handlers import IntakeProcessor, build_router
+from .lease import Lease
 from .settings import IntakeSettings
 
 SERVICE_NAME = "baton-intake"
@@ -57,6 +58,12 @@ def create_app(settings: IntakeSettings, *, tracer_provider: TracerProvider | No
     registry = CollectorRegistry()
     servers = [s.strip() for s in settings.nats_url.split(",") if s.strip()]
 
+    middlewares = [
+        NatsTelemetryMiddleware(tracer_provider=tracer_provider),
+        NatsPrometheusMiddleware(registry=registry, app_name=SERVICE_NAME),
+    ]
+    # Two connections: ``broker`` publishes (HTTP API, canonical log) in every replica; ``consumer``
+    # runs the BATON_IN subscription, started only in the replica that holds the intake lease.
     broker = NatsBroker(
         servers,
         name=SERVICE_NAME,
@@ -64,10 +71,16 @@ def create_app(settings: IntakeSettings, *, tracer_provider: TracerProvider | No
         reconnect_time_wait=1,
         graceful_timeout=settings.graceful_timeout,
         log_level=logging.DEBUG,
-        middlewares=[
-            NatsTelemetryMiddleware(tracer_provider=tracer_provider),
-            NatsPrometheusMiddleware(registry=registry, app_name=SERVICE_NAME),
-        ],
+        middlewares=middlewares,
+    )
+    consumer = NatsBroker(
+        servers,
+        name=f"{SERVICE_NAME}-consumer",
+        max_reconnect_attempts=-1,
+        reconnect_time_wait=1,
+        graceful_timeout=settings.graceful_timeout,
+        log_level=logging.DEBUG,
+        middlewares=middlewares,
     )
     database = db.Database(settings.database_url)
 
@@ -79,9 +92,11 @@ def create_app(settings: IntakeSettings, *, tracer_provider: TracerProvider | No
     tokens = TokenRegistry(settings.tokens_path)
     if settings.tokens_path is None:
         log.warning("no token file (BATON_INTAKE_TOKENS_PATH): the HTTP API refuses every call")
-    broker.include_router(
+    gate = ConsumerGate(consumer)
+    consumer.include_router(
         build_router(
             processor,
+            active=lambda: gate.is_open,
             tracer=tracer,
             batch_size=settings.fetch_batch,
             fetch_timeout=settings.fetch_timeout,
@@ -94,7 +109,15 @@ def create_app(settings: IntakeSettings, *, tracer_provider: TracerProvider | No
         await database.start()
         await require_consumer(servers, STREAM_IN, CONSUMER_INTAKE)
         await broker.start()
-        log.info("intake consuming %s/%s", STREAM_IN, CONSUMER_INTAKE)
+        lease: Lease | None = None
+        if settings.consumer_lease:
+            lease = Lease(broker.connection, on_acquired=gate.open, on_lost=gate.close)
+            await lease.start()
+            log.info("intake: %s/%s consumed while holding lease %s", STREAM_IN, CONSUMER_INTAKE, lease.key)
+        else:
+            await gate.open()
+            log.info("intake consuming %s/%s (no lease)", STREAM_IN, CONSUMER_INTAKE)
+        app.state.lease = lease
         outbox = asyncio.create_task(_drain_outbox(processor, settings.outbox_interval), name="intake-outbox")
         try:
             yield
@@ -102,6 +125,10 @@ def create_app(settings: IntakeSettings, *, tracer_provider: TracerProvider | No
             outbox.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await outbox
+            await gate.close()  # drains the batch in hand, then releases the lease for a standby
+            if lease is not None:
+                await lease.stop()
+            await consumer.stop()
             await broker.stop()
             await database.close()
             tracer_provider.shutdown()
@@ -130,6 +157,40 @@ def create_app(settings: IntakeSettings, *, tracer_provider: TracerProvider | No
         )
 
     return app
+
+
+class ConsumerGate:
+    """Starts and stops the BATON_IN subscription as the lease comes and goes.
+
+    Stopping lets the batch in hand finish (up to ``graceful_timeout``); the handler itself stops
+    between messages once ``open`` is False (``build_router``'s ``still_consuming``).
+    """
+
+    def __init__(self, consumer: NatsBroker) -> None:
+        self.consumer = consumer
+        self.is_open = False
+        self._started = False
+        self._lock = asyncio.Lock()
+
+    async def open(self) -> None:
+        async with self._lock:
+            if self.is_open:
+                return
+            self.is_open = True
+            if not self._started:
+                await self.consumer.start()
+                self._started = True
+            else:
+                for sub in self.consumer.subscribers:
+                    await sub.start()
+
+    async def close(self) -> None:
+        async with self._lock:
+            if not self.is_open:
+                return
+            self.is_open = False
+            for sub in self.consumer.subscribers:
+                await sub.stop()
 
 
 async def _drain_outbox(processor: IntakeProcessor, interval: float) -> None:

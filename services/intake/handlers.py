@@ -363,11 +363,15 @@ def build_router(
     batch_size: int,
     fetch_timeout: float,
     retry_delay: float,
+    active: Callable[[], bool] = lambda: True,
 ) -> NatsRouter:
     """Intake's only subscription: the durable ``intake`` consumer on ``BATON_IN`` (provisioned by Baton).
 
     A batch subscriber keeps the stream order (FastStream's single-message pull subscriber
     handles a fetched batch concurrently); every message is acked or naked on its own.
+    ``active``: False once this replica lost the consumer lease (services/intake/lease.py): the
+    rest of the batch in hand is then handed back at once (nak without delay, in order) so that
+    the new holder gets it before anything later in the stream.
     """
     router = NatsRouter()
     spec = next(c for c in SERVICE_CONSUMERS if c.durable == CONSUMER_INTAKE)
@@ -385,6 +389,12 @@ def build_router(
     async def on_inbound(body: list[bytes], msg: NatsMessage) -> None:
         raws: list[Msg] = cast("list[Msg]", msg.raw_message)
         for index, raw in enumerate(raws):
+            if not active():
+                log.info("lease lost: handing back %d fetched messages", len(raws) - index)
+                for later in raws[index:]:
+                    with contextlib.suppress(Exception):
+                        await later.nak()
+                return
             inbound = to_inbound(raw)
             settled = await _process_in_place(processor, tracer, raw, inbound, retry_delay)
             if settled:
