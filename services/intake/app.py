@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import logging
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
 import nats
@@ -27,7 +27,7 @@ from libs.contracts.tokens import TokenRegistry
 
 from . import api, db
 from .handlers import IntakeProcessor, build_router
-from .lease import Lease
+from .lease import Lease, wait_for_handover
 from .settings import IntakeSettings
 
 SERVICE_NAME = "baton-intake"
@@ -92,7 +92,7 @@ def create_app(settings: IntakeSettings, *, tracer_provider: TracerProvider | No
     tokens = TokenRegistry(settings.tokens_path)
     if settings.tokens_path is None:
         log.warning("no token file (BATON_INTAKE_TOKENS_PATH): the HTTP API refuses every call")
-    gate = ConsumerGate(consumer)
+    gate = ConsumerGate(consumer, before_open=lambda: wait_for_handover(broker.connection, STREAM_IN, CONSUMER_INTAKE))
     consumer.include_router(
         build_router(
             processor,
@@ -166,8 +166,9 @@ class ConsumerGate:
     between messages once ``open`` is False (``build_router``'s ``still_consuming``).
     """
 
-    def __init__(self, consumer: NatsBroker) -> None:
+    def __init__(self, consumer: NatsBroker, before_open: Callable[[], Awaitable[object]] | None = None) -> None:
         self.consumer = consumer
+        self.before_open = before_open
         self.is_open = False
         self._started = False
         self._lock = asyncio.Lock()
@@ -176,6 +177,8 @@ class ConsumerGate:
         async with self._lock:
             if self.is_open:
                 return
+            if self.before_open is not None:
+                await self.before_open()
             self.is_open = True
             if not self._started:
                 await self.consumer.start()

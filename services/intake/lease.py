@@ -17,6 +17,9 @@ kept in a JetStream key-value bucket (``baton_leases``, provisioned by ``baton p
   expire on the server and another replica can acquire it;
 * a standby tries to acquire every ``ttl / 4``: it takes over at most about ``ttl`` after the
   holder died (or ``ttl / 4`` after a holder that stops cleanly deleted the key);
+* a new holder starts fetching only once the previous holder's deliveries are settled (acked, or
+  due for redelivery after the consumer's ack wait: ``wait_for_handover``), so that a batch a
+  dead holder had fetched comes back before anything later in the stream;
 * a deposed holder whose lease nobody took (NATS was briefly unreachable) renews its own key again
   (same holder id, same revision) and resumes.
 
@@ -33,7 +36,8 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 import nats.errors
 from nats.aio.client import Client as NATS
@@ -47,7 +51,7 @@ log = logging.getLogger("baton.intake.lease")
 #: The key of intake's consumer lease in ``LEASE_BUCKET``.
 INTAKE_LEASE_KEY = "intake"
 
-Hook = Callable[[], Awaitable[None]]
+Hook = Callable[[], Coroutine[Any, Any, None]]
 
 
 class Lease:
@@ -83,6 +87,7 @@ class Lease:
         self._renewed_at = 0.0  # monotonic time the last successful write was *sent*
         self._kv: KeyValue | None = None
         self._task: asyncio.Task[None] | None = None
+        self._opening: asyncio.Task[None] | None = None
 
     @property
     def interval(self) -> float:
@@ -153,13 +158,42 @@ class Lease:
     async def _gain(self, how: str) -> None:
         self.held = True
         self.acquisitions += 1
-        log.info("lease %s/%s %s by %s: consuming", self.bucket, self.key, how, self.holder_id)
-        await self.on_acquired()
+        log.info("lease %s/%s %s by %s", self.bucket, self.key, how, self.holder_id)
+        # In its own task: opening may wait for the previous holder's deliveries (``wait_for_handover``),
+        # and renewals must go on meanwhile.
+        self._opening = asyncio.create_task(self.on_acquired(), name=f"lease-{self.key}-acquired")
 
     async def _lose(self, why: str) -> None:
         self.held = False
         log.warning("lease %s/%s lost by %s (%s): not consuming", self.bucket, self.key, self.holder_id, why)
+        if self._opening is not None and not self._opening.done():
+            self._opening.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._opening
+        self._opening = None
         await self.on_lost()
+
+
+async def wait_for_handover(nc: NATS, stream: str, durable: str, *, poll: float = 0.2) -> float:
+    """Before a new holder fetches: until no delivery of ``durable`` awaits an ack, at most its ``ack_wait``.
+
+    A holder that stops cleanly settles its batch first (processed and acked, the rest naked), so
+    this returns at once. A holder that died leaves its fetched batch unacknowledged until the
+    ack wait expires; fetching before then would apply later messages of the stream before those,
+    out of order. Once they are due again the server redelivers them before anything newer.
+    Returns the seconds waited.
+    """
+    js = nc.jetstream()
+    started = time.monotonic()
+    info = await js.consumer_info(stream, durable)
+    deadline = started + float(info.config.ack_wait or 30.0) + 1.0
+    while info.num_ack_pending and time.monotonic() < deadline:
+        await asyncio.sleep(poll)
+        info = await js.consumer_info(stream, durable)
+    waited = time.monotonic() - started
+    if waited > poll:
+        log.info("waited %.1fs for the previous holder's deliveries to %s/%s to come back", waited, stream, durable)
+    return waited
 
 
 async def current_holder(nc: NATS, key: str = INTAKE_LEASE_KEY, bucket: str = LEASE_BUCKET) -> str | None:
