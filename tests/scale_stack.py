@@ -238,17 +238,26 @@ async def subject_count(nc: NATS, stream: str, subject: str) -> int:
 
 
 async def wait_for(
-    what: str, check: Callable[[], Any], within: float, on_timeout: Callable[[], str] = lambda: ""
+    what: str,
+    check: Callable[[], Any],
+    within: float,
+    on_timeout: Callable[[], str] = lambda: "",
+    poll: float = 0.25,
 ) -> float:
     """Poll ``await check()`` (truthy = done) until ``within`` seconds; returns the seconds it took."""
     started = time.monotonic()
     while True:
-        with contextlib.suppress(Exception):
+        try:
             if await check():
                 return time.monotonic() - started
+        except AssertionError:
+            raise  # a check that can already tell the run failed
+        except Exception:  # NATS busy (a leader election): ask again
+            await asyncio.sleep(poll)
+            continue
         if time.monotonic() - started > within:
             raise TimeoutError(f"{what}: not within {within}s. {on_timeout()}")
-        await asyncio.sleep(0.25)
+        await asyncio.sleep(poll)
 
 
 async def consumers_idle(nc: NATS) -> bool:

@@ -28,7 +28,7 @@ from nats.aio.client import Client as NATS
 from baton.natsserver import NatsServer
 from baton.provision import provision
 from libs.contracts.catalog import Catalog
-from libs.contracts.subjects import SERVICES, STREAM_EVENTS
+from libs.contracts.subjects import SERVICES, STREAM_EVENTS, STREAM_NOTIFY
 from services.intake.lease import current_holder
 from tests.scale_stack import (
     Load,
@@ -45,7 +45,7 @@ from tests.scale_stack import (
 pytestmark = pytest.mark.integration
 
 MakeDatabaseUrl = Callable[[str], str]
-REQUESTS = 40
+REQUESTS = 60
 #: Lease TTL for the test: a standby takes over within about this long after the holder died.
 LEASE_TTL = 3.0
 
@@ -65,7 +65,6 @@ async def test_two_replicas_of_every_service_process_each_event_once_in_publish_
     stack = Stack(nats_server.url, databases, tmp_path / "logs", replicas=2)
     nc = await nats.connect(nats_server.url, max_reconnect_attempts=-1)
     load = Load.of(REQUESTS)
-    first, second = load.rids[: REQUESTS // 2], load.rids[REQUESTS // 2 :]
 
     async def at_least(n: int) -> bool:
         return await subject_count(nc, STREAM_EVENTS, "baton.events.>") >= n
@@ -81,14 +80,14 @@ async def test_two_replicas_of_every_service_process_each_event_once_in_publish_
         started = time.monotonic()
         await publish_all(nc, [load.created[rid] for rid in load.rids])
         await wait_for("every request created and routed", lambda: at_least(2 * REQUESTS), 90)
-        await publish_all(nc, load.burst_events(first))
-        # Mid-run: a part of the first half applied, the rest in flight or still queued.
-        await wait_for("the first bursts under way", lambda: at_least(2 * REQUESTS + len(first)), 90)
+        await publish_all(nc, load.burst_events(load.rids))
+        # Mid-run: the kills land while intake works through the bursts, a batch in hand.
+        await wait_for("the bursts under way", lambda: at_least(2 * REQUESTS + 30), 90, poll=0.02)
         victims = [holder] + [stack.of(s)[0] for s in SERVICES if s != "intake"]
         for victim in victims:
             await kill(victim)
         killed_at = time.monotonic()
-        await publish_all(nc, load.burst_events(second))
+        in_log_at_kill = await subject_count(nc, STREAM_EVENTS, "baton.events.>")
         took_over = await wait_for(
             "the standby intake taking the lease",
             lambda: _holder_is_not(nc, holder_id),
@@ -117,7 +116,8 @@ async def test_two_replicas_of_every_service_process_each_event_once_in_publish_
     print(
         f"\n[{database_backend}] 2 replicas x 4 services up in {boot:.1f}s; {REQUESTS} requests, {load.total} "
         f"canonical events in {elapsed:.1f}s; killed {[v.name for v in victims]} mid-run (intake lease holder "
-        f"{holder.name}); standby intake took the lease {took_over:.1f}s after the kill, all drained "
+        f"{holder.name}) with {in_log_at_kill}/{load.total} events in the log; standby intake took the lease "
+        f"{took_over:.1f}s after the kill, all drained "
         f"{recovered:.1f}s after it (survivors {survivors}); counts {counts}; 0 refused, 0 dead letters"
     )
 
@@ -128,4 +128,6 @@ async def _holder_is_not(nc: NATS, old: str) -> bool:
 
 
 async def _all_done(nc: NATS, total: int) -> bool:
+    refused = await subject_count(nc, STREAM_NOTIFY, "baton.notify.*.rejected")
+    assert not refused, f"{refused} events refused: applied out of their publish order"
     return await subject_count(nc, STREAM_EVENTS, "baton.events.>") >= total and await consumers_idle(nc)
