@@ -179,13 +179,17 @@ class ConsumerGate:
                 return
             if self.before_open is not None:
                 await self.before_open()
-            self.is_open = True
-            if not self._started:
-                await self.consumer.start()
-                self._started = True
-            else:
-                for sub in self.consumer.subscribers:
-                    await sub.start()
+            self.is_open = True  # before the first fetch: the handler hands back what it fetches while closed
+            try:
+                if not self._started:
+                    await self.consumer.start()
+                    self._started = True
+                else:
+                    for sub in self.consumer.subscribers:
+                        await sub.start()
+            except BaseException:
+                self.is_open = False
+                raise
 
     async def close(self) -> None:
         async with self._lock:

@@ -24,6 +24,7 @@ from enum import StrEnum
 from typing import Protocol, cast
 
 import nats.errors
+import nats.js.errors
 from faststream.middlewares import AckPolicy
 from faststream.nats import JStream, NatsMessage, NatsRouter, PullSub
 from nats.aio.msg import Msg
@@ -68,6 +69,10 @@ TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
     nats.errors.ConnectionClosedError,
     nats.errors.NoServersError,
     nats.errors.TimeoutError,
+    # JetStream between two leaders of a stream (a node of the cluster died): no PubAck for a few seconds.
+    nats.errors.NoRespondersError,
+    nats.js.errors.NoStreamResponseError,
+    nats.js.errors.ServiceUnavailableError,
 )
 
 

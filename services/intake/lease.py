@@ -162,6 +162,14 @@ class Lease:
         # In its own task: opening may wait for the previous holder's deliveries (``wait_for_handover``),
         # and renewals must go on meanwhile.
         self._opening = asyncio.create_task(self.on_acquired(), name=f"lease-{self.key}-acquired")
+        self._opening.add_done_callback(self._opened)
+
+    def _opened(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            # Not consuming although holding the lease: give it up so that a standby (or the next round) retries.
+            log.error("lease %s: starting to consume failed", self.key, exc_info=task.exception())
+            self._revision = None
+            self.held = False
 
     async def _lose(self, why: str) -> None:
         self.held = False
@@ -183,13 +191,21 @@ async def wait_for_handover(nc: NATS, stream: str, durable: str, *, poll: float 
     out of order. Once they are due again the server redelivers them before anything newer.
     Returns the seconds waited.
     """
-    js = nc.jetstream()
+    js = nc.jetstream(timeout=2)
     started = time.monotonic()
-    info = await js.consumer_info(stream, durable)
-    deadline = started + float(info.config.ack_wait or 30.0) + 1.0
-    while info.num_ack_pending and time.monotonic() < deadline:
+    deadline: float | None = None
+    while True:
+        try:
+            info = await js.consumer_info(stream, durable)
+        except Exception as exc:  # NATS unreachable, the consumer between two leaders: ask again
+            log.debug("handover: consumer info of %s/%s: %s", stream, durable, exc)
+            await asyncio.sleep(poll)
+            continue
+        if deadline is None:
+            deadline = time.monotonic() + float(info.config.ack_wait or 30.0) + 1.0
+        if not info.num_ack_pending or time.monotonic() >= deadline:
+            break
         await asyncio.sleep(poll)
-        info = await js.consumer_info(stream, durable)
     waited = time.monotonic() - started
     if waited > poll:
         log.info("waited %.1fs for the previous holder's deliveries to %s/%s to come back", waited, stream, durable)
