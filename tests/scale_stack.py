@@ -16,7 +16,7 @@ import sys
 import time
 import uuid
 from collections import Counter, defaultdict
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -241,7 +241,7 @@ async def wait_for(
     what: str,
     check: Callable[[], Any],
     within: float,
-    on_timeout: Callable[[], str] = lambda: "",
+    on_timeout: Callable[[], Awaitable[str]] | None = None,
     poll: float = 0.25,
 ) -> float:
     """Poll ``await check()`` (truthy = done) until ``within`` seconds; returns the seconds it took."""
@@ -256,8 +256,28 @@ async def wait_for(
             await asyncio.sleep(poll)
             continue
         if time.monotonic() - started > within:
-            raise TimeoutError(f"{what}: not within {within}s. {on_timeout()}")
+            detail = await on_timeout() if on_timeout is not None else ""
+            raise TimeoutError(f"{what}: not within {within}s.\n{detail}")
         await asyncio.sleep(poll)
+
+
+async def diagnose(nc: NATS, stack: Stack) -> str:
+    """What a stuck run looks like: each service consumer's state, and each replica's warnings and errors."""
+    lines = []
+    for stream, durable in CONSUMERS.values():
+        try:
+            info = await nc.jetstream(timeout=5).consumer_info(stream, durable)
+            lines.append(
+                f"{stream}/{durable}: pending {info.num_pending}, unacked {info.num_ack_pending}, "
+                f"redelivered {info.num_redelivered}, ack floor {info.ack_floor.stream_seq if info.ack_floor else None}"
+            )
+        except Exception as exc:
+            lines.append(f"{stream}/{durable}: {exc!r}")
+    for r in stack.members:
+        noisy = [ln for ln in r.log_text().splitlines() if " WARNING " in ln or " ERROR " in ln]
+        lines.append(f"--- {r.name} ({'alive' if r.alive else 'dead'}): {len(noisy)} warnings/errors, last ones:")
+        lines += noisy[-12:]
+    return "\n".join(lines)
 
 
 async def consumers_idle(nc: NATS) -> bool:

@@ -197,7 +197,14 @@ class ConsumerGate:
                 return
             self.is_open = False
             for sub in self.consumer.subscribers:
-                await sub.stop()
+                try:
+                    await sub.stop()
+                except Exception:
+                    # NATS unreachable: the subscription is gone with the connection anyway. Forget it, so
+                    # that the next open() subscribes afresh instead of finding a dead one.
+                    log.warning("intake: stopping the BATON_IN subscription failed", exc_info=True)
+                    with contextlib.suppress(Exception):
+                        sub.subscription = None  # type: ignore[attr-defined]
 
 
 async def _drain_outbox(processor: IntakeProcessor, interval: float) -> None:

@@ -130,7 +130,10 @@ class Lease:
             except Exception as exc:  # NATS unreachable, a timeout: try again next round
                 log.debug("lease %s: %s: %s", self.key, type(exc).__name__, exc)
             if self.held and time.monotonic() - self._renewed_at > self.ttl / 2:
-                await self._lose(f"no renewal for {time.monotonic() - self._renewed_at:.1f}s")
+                try:
+                    await self._lose(f"no renewal for {time.monotonic() - self._renewed_at:.1f}s")
+                except Exception:
+                    log.exception("lease %s: stopping consumption failed", self.key)
             await asyncio.sleep(max(0.0, self.interval - (time.monotonic() - started)))
 
     async def _step(self) -> None:

@@ -26,7 +26,16 @@ from baton.natsserver import NatsCluster
 from baton.provision import provision
 from libs.contracts.catalog import Catalog
 from libs.contracts.subjects import SERVICES, STREAM_EVENTS, STREAM_IN, STREAM_NOTIFY
-from tests.scale_stack import Load, Stack, check_exactly_once, consumers_idle, publish_all, subject_count, wait_for
+from tests.scale_stack import (
+    Load,
+    Stack,
+    check_exactly_once,
+    consumers_idle,
+    diagnose,
+    publish_all,
+    subject_count,
+    wait_for,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -51,7 +60,8 @@ async def test_killing_the_stream_leader_mid_run_loses_and_duplicates_nothing(
         report = await provision(nc, catalog, num_replicas=3)
         assert not report.updated
         databases = {s: make_database_url(f"cluster_{s}") for s in SERVICES}
-        stack = Stack(cluster.urls, databases, tmp_path / "logs", replicas=1, fetch_batch=16)
+        stack = services = Stack(cluster.urls, databases, tmp_path / "logs", replicas=1, fetch_batch=16)
+        client = nc
         load = Load.of(REQUESTS)
 
         async def at_least(n: int) -> bool:
@@ -92,10 +102,8 @@ async def test_killing_the_stream_leader_mid_run_loses_and_duplicates_nothing(
         await wait_for(
             "every event through every service",
             all_done,
-            120,
-            on_timeout=lambda: (
-                "\n".join(f"--- {r.name}\n{r.log_text()[-2000:]}" for r in stack.members) if stack else ""
-            ),
+            180,
+            on_timeout=lambda: diagnose(client, services),
         )
         recovered = time.monotonic() - killed_at
         elapsed = time.monotonic() - started - boot

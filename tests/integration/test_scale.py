@@ -36,6 +36,7 @@ from tests.scale_stack import (
     Stack,
     check_exactly_once,
     consumers_idle,
+    diagnose,
     kill,
     publish_all,
     subject_count,
@@ -97,7 +98,7 @@ async def test_two_replicas_of_every_service_process_each_event_once_in_publish_
             "every event through every service",
             lambda: _all_done(nc, load.total),
             120,
-            on_timeout=lambda: "\n".join(f"--- {r.name}\n{r.log_text()[-1500:]}" for r in stack.members),
+            on_timeout=lambda: diagnose(nc, stack),
         )
         recovered = time.monotonic() - killed_at
         elapsed = time.monotonic() - started
