@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
@@ -14,6 +15,7 @@ from fastapi import FastAPI
 from faststream.nats import NatsBroker
 from faststream.nats.opentelemetry import NatsTelemetryMiddleware
 from faststream.nats.prometheus import NatsPrometheusMiddleware
+from nats.aio.client import Client as NATSClient
 from nats.js.errors import NotFoundError
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 from opentelemetry.sdk.resources import Resource
@@ -31,6 +33,8 @@ from .lease import Lease, wait_for_handover
 from .settings import IntakeSettings
 
 SERVICE_NAME = "baton-intake"
+#: Seconds without a handled message, while messages wait, before the consumer watchdog resubscribes.
+STALLED_AFTER = 10.0
 log = logging.getLogger("baton.intake")
 
 
@@ -96,7 +100,7 @@ def create_app(settings: IntakeSettings, *, tracer_provider: TracerProvider | No
     consumer.include_router(
         build_router(
             processor,
-            active=lambda: gate.is_open,
+            active=gate.handling,
             tracer=tracer,
             batch_size=settings.fetch_batch,
             fetch_timeout=settings.fetch_timeout,
@@ -119,12 +123,14 @@ def create_app(settings: IntakeSettings, *, tracer_provider: TracerProvider | No
             log.info("intake consuming %s/%s (no lease)", STREAM_IN, CONSUMER_INTAKE)
         app.state.lease = lease
         outbox = asyncio.create_task(_drain_outbox(processor, settings.outbox_interval), name="intake-outbox")
+        watchdog = asyncio.create_task(gate.watch(broker.connection), name="intake-consumer-watchdog")
         try:
             yield
         finally:
-            outbox.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await outbox
+            for task in (outbox, watchdog):
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
             await gate.close()  # drains the batch in hand, then releases the lease for a standby
             if lease is not None:
                 await lease.stop()
@@ -138,6 +144,7 @@ def create_app(settings: IntakeSettings, *, tracer_provider: TracerProvider | No
     app.state.broker = broker
     app.state.database = database
     app.state.processor = processor
+    app.state.gate = gate
     app.state.tracer = tracer
     app.state.tokens = tokens
     app.mount("/metrics", make_asgi_app(registry))
@@ -170,6 +177,9 @@ class ConsumerGate:
         self.consumer = consumer
         self.before_open = before_open
         self.is_open = False
+        self.last_handled = 0.0
+        self.opened_at = 0.0
+        self.resubscriptions = 0
         self._started = False
         self._lock = asyncio.Lock()
 
@@ -178,6 +188,7 @@ class ConsumerGate:
             if self.is_open:
                 return
             if self.before_open is not None:
+                log.info("intake: lease held; waiting for the previous holder's deliveries")
                 await self.before_open()
             self.is_open = True  # before the first fetch: the handler hands back what it fetches while closed
             try:
@@ -190,6 +201,43 @@ class ConsumerGate:
             except BaseException:
                 self.is_open = False
                 raise
+            self.opened_at = time.monotonic()
+            log.info("intake: consuming %s/%s", STREAM_IN, CONSUMER_INTAKE)
+
+    def handling(self) -> bool:
+        """Called by the handler before each message: may it go on? (Also the watchdog's sign of life.)"""
+        self.last_handled = time.monotonic()
+        return self.is_open
+
+    async def watch(self, nc: NATSClient, *, every: float = 5.0, stalled_after: float = STALLED_AFTER) -> None:
+        """Resubscribe when the subscription stalls: open, messages waiting, none handled for ``stalled_after``.
+
+        Seen after the NATS node leading the stream was killed: the client reconnected elsewhere, the pull
+        loop kept fetching, but no message came any more. A fresh subscription gets them flowing again.
+        """
+        while True:
+            await asyncio.sleep(every)
+            if not self.is_open or time.monotonic() - max(self.last_handled, self.opened_at) < stalled_after:
+                continue
+            if any(_busy(sub) for sub in self.consumer.subscribers):
+                continue  # a batch in hand (maybe a long in-place retry): not stalled
+            try:
+                info = await nc.jetstream(timeout=2).consumer_info(STREAM_IN, CONSUMER_INTAKE)
+            except Exception as exc:
+                log.debug("watchdog: no consumer info: %s", exc)
+                continue
+            if info.num_pending or info.num_ack_pending:
+                log.warning(
+                    "intake: %d messages waiting (%d unacked), none handled for %.0fs: resubscribing to %s/%s",
+                    info.num_pending,
+                    info.num_ack_pending,
+                    time.monotonic() - self.last_handled,
+                    STREAM_IN,
+                    CONSUMER_INTAKE,
+                )
+                self.resubscriptions += 1
+                await self.close()
+                await self.open()
 
     async def close(self) -> None:
         async with self._lock:
@@ -205,6 +253,12 @@ class ConsumerGate:
                     log.warning("intake: stopping the BATON_IN subscription failed", exc_info=True)
                     with contextlib.suppress(Exception):
                         sub.subscription = None  # type: ignore[attr-defined]
+
+
+def _busy(subscriber: object) -> bool:
+    """Is the subscriber handling a batch? (FastStream's MultiLock holds one entry per message in hand.)"""
+    empty = getattr(getattr(subscriber, "lock", None), "empty", None)
+    return callable(empty) and not empty()
 
 
 async def _drain_outbox(processor: IntakeProcessor, interval: float) -> None:

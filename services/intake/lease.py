@@ -197,11 +197,14 @@ async def wait_for_handover(nc: NATS, stream: str, durable: str, *, poll: float 
     js = nc.jetstream(timeout=2)
     started = time.monotonic()
     deadline: float | None = None
+    failures = 0
     while True:
         try:
             info = await js.consumer_info(stream, durable)
         except Exception as exc:  # NATS unreachable, the consumer between two leaders: ask again
-            log.debug("handover: consumer info of %s/%s: %s", stream, durable, exc)
+            failures += 1
+            if failures % 25 == 1:
+                log.warning("handover: no consumer info of %s/%s yet (%r); asking again", stream, durable, exc)
             await asyncio.sleep(poll)
             continue
         if deadline is None:
