@@ -352,6 +352,15 @@ class NatsServer:
 CLUSTER_NAME = "baton"
 
 
+def _distinct_free_ports(host: str, count: int) -> list[int]:
+    ports: list[int] = []
+    while len(ports) < count:
+        port = free_port(host)
+        if port not in ports:
+            ports.append(port)
+    return ports
+
+
 class NatsCluster:
     """A JetStream cluster of ``size`` nats-server processes on one host (tests and demos of failover).
 
@@ -369,13 +378,14 @@ class NatsCluster:
         self.store_dir = Path(store_dir)
         self.host = host
         self.name = name
-        route_ports = [free_port(host) for _ in range(size)]
+        ports = _distinct_free_ports(host, 2 * size)  # free_port alone may hand out one port twice
+        route_ports, client_ports = ports[:size], ports[size:]
         routes = ", ".join(json.dumps(f"nats-route://{host}:{p}") for p in route_ports)
         self.nodes = [
             NatsServer(
                 self.store_dir / f"n{i + 1}",
                 host=host,
-                port=free_port(host),
+                port=client_ports[i],
                 server_name=f"{name}-n{i + 1}",
                 extra_config="\n".join(
                     [
