@@ -89,7 +89,6 @@ class Stack:
         return {
             **{k: v for k, v in os.environ.items() if not k.startswith("BATON_")},
             "PYTHONUNBUFFERED": "1",
-            **({"PYTHONPATH": os.environ["SCALE_DEBUG_PYTHONPATH"]} if os.environ.get("SCALE_DEBUG_PYTHONPATH") else {}),
             prefix + "NATS_URL": self.nats_url,
             prefix + "DATABASE_URL": self.databases[service],
             prefix + "HTTP_HOST": "127.0.0.1",
