@@ -49,6 +49,7 @@ from libs.contracts.subjects import (
     DLQ_PREFIX,
     EVENTS_PREFIX,
     INBOUND_PREFIX,
+    LEASE_BUCKET,
     NOTIFY_PREFIX,
     SERVICE_PREFIX,
     SERVICES,
@@ -119,6 +120,16 @@ def pull_consumer_subjects(stream: str, durable: str) -> tuple[str, ...]:
     )
 
 
+def kv_subjects(bucket: str) -> tuple[str, ...]:
+    """What a client publishes to use a provisioned key-value bucket: status, get, put/create/update/delete."""
+    return (
+        f"$JS.API.STREAM.INFO.KV_{bucket}",
+        f"$JS.API.STREAM.MSG.GET.KV_{bucket}",
+        f"$JS.API.DIRECT.GET.KV_{bucket}.>",
+        f"$KV.{bucket}.>",
+    )
+
+
 def ordered_consumer_subjects(stream: str) -> tuple[str, ...]:
     """What an ephemeral ordered consumer on ``stream`` needs: create, info, delete, flow control."""
     return (
@@ -166,6 +177,8 @@ def service_permissions(service: str) -> Permissions:
             *pull_consumer_subjects(STREAM_ADVISORIES, CONSUMER_ADVISORIES),
             *(f"$JS.API.STREAM.MSG.GET.{stream}" for stream in (STREAM_IN, STREAM_EVENTS, STREAM_TIMERS)),
             f"{DLQ_PREFIX}.>",
+            # The consumer lease (services/intake/lease.py): one active replica consumes BATON_IN.
+            *kv_subjects(LEASE_BUCKET),
         )
     elif service == "routing":
         publish = (

@@ -50,6 +50,14 @@ CONSUMER_METRICS = "metrics"  # on BATON_EVENTS
 CONSUMER_ROUTING_TIMERS = "routing-timers"  # on BATON_TIMERS (baton.timers.due.>)
 CONSUMER_ADVISORIES = "advisories"  # on BATON_ADVISORIES (run by intake: advisories -> dead letters)
 
+# --- leases ----------------------------------------------------------------------
+#: JetStream key-value bucket of consumer leases (one key per singleton consumer, e.g. ``intake``):
+#: history 1, ``max_age`` = the lease TTL. Of several intake replicas only the lease holder consumes
+#: BATON_IN (services/intake/lease.py).
+LEASE_BUCKET = "baton_leases"
+#: Default lease TTL: a standby intake replica takes over at most about this long after the holder died.
+LEASE_TTL_SECONDS = 10.0
+
 MINUTE = 60.0
 HOUR = 60 * MINUTE
 DAY = 24 * HOUR

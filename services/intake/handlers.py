@@ -27,6 +27,7 @@ from enum import StrEnum
 from typing import Protocol, cast
 
 import nats.errors
+import nats.js.errors
 from faststream.middlewares import AckPolicy
 from faststream.nats import JStream, NatsMessage, NatsRouter, PullSub
 from nats.aio.msg import Msg
@@ -74,6 +75,10 @@ TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
     nats.errors.ConnectionClosedError,
     nats.errors.NoServersError,
     nats.errors.TimeoutError,
+    # JetStream between two leaders of a stream (a node of the cluster died): no PubAck for a few seconds.
+    nats.errors.NoRespondersError,
+    nats.js.errors.NoStreamResponseError,
+    nats.js.errors.ServiceUnavailableError,
 )
 
 
@@ -384,11 +389,15 @@ def build_router(
     retry_delay: float,
     max_deliver: Callable[[], int | None] | None = None,
     inbox_prefix: bytes = b"_INBOX.",  # the service's own (docs/security.md)
+    active: Callable[[], bool] = lambda: True,
 ) -> NatsRouter:
     """Intake's only subscription: the durable ``intake`` consumer on ``BATON_IN`` (provisioned by Baton).
 
     A batch subscriber keeps the stream order (FastStream's single-message pull subscriber
     handles a fetched batch concurrently); every message is acked or naked on its own.
+    ``active``: False once this replica lost the consumer lease (services/intake/lease.py): the
+    rest of the batch in hand is then handed back at once (nak without delay, in order) so that
+    the new holder gets it before anything later in the stream.
     """
     router = NatsRouter()
     spec = next(c for c in SERVICE_CONSUMERS if c.durable == CONSUMER_INTAKE)
@@ -407,6 +416,12 @@ def build_router(
     async def on_inbound(body: list[bytes], msg: NatsMessage) -> None:
         raws: list[Msg] = cast("list[Msg]", msg.raw_message)
         for index, raw in enumerate(raws):
+            if not active():
+                log.info("lease lost: handing back %d fetched messages", len(raws) - index)
+                for later in raws[index:]:
+                    with contextlib.suppress(Exception):
+                        await later.nak()
+                return
             inbound = to_inbound(raw)
             # The provisioned limit (read at start), else the spec's.
             limit = (max_deliver() if max_deliver else None) or spec.max_deliver

@@ -34,6 +34,11 @@ class IntakeSettings(natsauth.NatsClientSettings):
         description="Department token file (libs/contracts/tokens.py), re-read when it changes; "
         "without it the HTTP API refuses every call with 401.",
     )
+    consumer_lease: bool = Field(
+        default=True,
+        description="Consume BATON_IN only while holding the intake lease (one active replica, the others on "
+        "standby; services/intake/lease.py). Turn off only when exactly one replica can ever run.",
+    )
     outbox_interval: float = Field(
         default=5.0, gt=0, description="Seconds between publishes of HTTP-committed events that missed their PubAck."
     )

@@ -17,7 +17,20 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import BigInteger, DateTime, Integer, String, Text, UniqueConstraint, delete, event, func, or_, select
+from sqlalchemy import (
+    BigInteger,
+    DateTime,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+    delete,
+    event,
+    func,
+    or_,
+    select,
+    text,
+)
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import make_url
@@ -154,6 +167,14 @@ def _insert(session: AsyncSession, table: Any) -> Any:
     if dialect == "sqlite":
         return sqlite_insert(table).on_conflict_do_nothing()
     raise NotImplementedError(f"unsupported database dialect {dialect!r}")  # pragma: no cover
+
+
+async def lock_request(session: AsyncSession, request_id: str) -> None:
+    """PostgreSQL: hold a per-request advisory lock until the transaction ends (SQLite writes are serial anyway)."""
+    if session.get_bind().dialect.name == "postgresql":
+        await session.execute(
+            text("SELECT pg_advisory_xact_lock(hashtextextended(:key, 0))"), {"key": f"metrics:{request_id}"}
+        )
 
 
 async def insert_event(session: AsyncSession, row: dict[str, Any]) -> Stored:

@@ -131,6 +131,9 @@ class MetricsProcessor:
         values = db.event_values(checked, msg.data.decode("utf-8", "replace"), msg.stream_sequence, self.clock())
         changed: tuple[RequestFacts | None, RequestFacts] | None = None
         async with self.db.transaction() as session:
+            # Two replicas storing two events of one request at once would each recompute the facts
+            # without the other's event: one request's transactions take turns (SQLite: its write lock).
+            await db.lock_request(session, event.request_id)
             stored = await db.insert_event(session, values)
             if stored is db.Stored.INSERTED:
                 await db.add_parties(session, event.request_id, parties(event))

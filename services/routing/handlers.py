@@ -154,6 +154,11 @@ class SequenceGap(RuntimeError):
     """An event arrived before an earlier event of the same request: retried until the gap fills."""
 
 
+#: Deliveries of a later event of a request routing has no record of before it is ignored as a request
+#: older than routing's database: until then its ``created`` may still be in flight at another replica.
+UNKNOWN_REQUEST_DELIVERIES = 5
+
+
 @dataclass(frozen=True)
 class Inbound:
     """The parts of a JetStream message routing needs (kept broker-agnostic for tests)."""
@@ -290,7 +295,7 @@ class RoutingProcessor:
             )
             return Outcome.DEAD_LETTERED
 
-        rows, outcome = await self._record(event, msg.stream_sequence)
+        rows, outcome = await self._record(event, msg.stream_sequence, msg.num_delivered)
         failpoint(event.request_id)  # test-only
         # Published after the commit; on a crash here, redelivery finds the rows and publishes them again.
         await self._publish_rows(rows)
@@ -299,10 +304,12 @@ class RoutingProcessor:
         await self.arm(event.request_id)
         return outcome
 
-    async def _record(self, event: LifecycleEvent, stream_seq: int) -> tuple[Sequence[db.OutboxRow], Outcome]:
+    async def _record(
+        self, event: LifecycleEvent, stream_seq: int, num_delivered: int = UNKNOWN_REQUEST_DELIVERIES
+    ) -> tuple[Sequence[db.OutboxRow], Outcome]:
         for attempt in range(2):
             try:
-                return await self._record_once(event, stream_seq)
+                return await self._record_once(event, stream_seq, num_delivered)
             except IntegrityError:
                 # Another routing replica recorded this event first: read what it stored.
                 if attempt:
@@ -310,7 +317,9 @@ class RoutingProcessor:
                 log.info("event recorded concurrently; reading the stored outcome")
         raise AssertionError("unreachable")  # pragma: no cover
 
-    async def _record_once(self, event: LifecycleEvent, stream_seq: int) -> tuple[Sequence[db.OutboxRow], Outcome]:
+    async def _record_once(
+        self, event: LifecycleEvent, stream_seq: int, num_delivered: int
+    ) -> tuple[Sequence[db.OutboxRow], Outcome]:
         async with self.db.transaction() as session:
             if await db.is_processed(session, event.event_id):
                 return await db.outbox_caused_by(session, event.event_id), Outcome.REPUBLISHED
@@ -318,6 +327,9 @@ class RoutingProcessor:
             ctx = self._context()
             if track is None:
                 if not isinstance(event, Created):
+                    if num_delivered < UNKNOWN_REQUEST_DELIVERIES:
+                        # Its created may be in the hands of another routing replica right now.
+                        raise SequenceGap(f"{event.request_id}: event {event.sequence} before its created was applied")
                     return [], Outcome.IGNORED  # a request routing never saw created (older than its database)
                 track, emits = start(event, ctx)
                 outcome = Outcome.ROUTED
