@@ -7,7 +7,9 @@ COPY libs ./libs
 COPY services ./services
 COPY baton ./baton
 COPY deploy/catalog.yaml ./deploy/catalog.yaml
-RUN pip install -c requirements.lock . && useradd --system --uid 10001 baton
+RUN pip install -c requirements.lock . && useradd --system --uid 10001 baton \
+    # NATS users written by `baton nats-config` (compose: the nats-auth volume, owned by baton)
+    && install -d -o baton -m 0700 /var/lib/baton/nats
 USER baton
 EXPOSE 8080
 # Overridden per service in docker-compose.yml / the Kubernetes manifests.

@@ -59,6 +59,7 @@ from libs.contracts.subjects import (
 )
 
 from .demo import envelope
+from .nats_config import cli_options
 
 #: Department events a bench lifecycle publishes (routing adds ``routed``): 5 inbound, 6 canonical.
 INBOUND_TYPES = ("created", "accepted", "delayed", "resolved", "feedback")
@@ -85,6 +86,8 @@ class BenchConfig:
     profile: tuple[str, ...] = ()
     #: Embedded stack only: copy the services' and nats-server's logs here before the stack is removed.
     keep_logs: Path | None = None
+    #: NATS credential file of a running stack (the admin's); the embedded stack uses its own.
+    creds: Path | None = None
 
 
 PROFILE_HOOK = """\
@@ -235,6 +238,7 @@ class PublisherJob:
     #: so that a rate Baton cannot sustain shows as a lower achieved rate, not an unbounded backlog.
     max_in_flight: int = 0
     finish_timeout: float = 60.0
+    creds: str | None = None  # the admin's credential file (publishes as every department)
 
 
 class _Publisher:
@@ -317,7 +321,9 @@ class _Publisher:
 
     async def run(self) -> dict[str, Any]:
         job = self.job
-        nc = await nats.connect(job.nats_url, name=f"baton-bench-{job.index}", max_reconnect_attempts=-1)
+        nc = await nats.connect(
+            job.nats_url, name=f"baton-bench-{job.index}", max_reconnect_attempts=-1, **_options(job.creds)
+        )
         self.js = nc.jetstream()
         subs = [
             await self.js.subscribe(
@@ -404,14 +410,19 @@ class _Publisher:
         }
 
 
+def _options(creds: str | None) -> dict[str, Any]:
+    """The operator's login: the bench publishes as every department and makes its own streams."""
+    return cli_options("admin", "admin", creds=Path(creds) if creds else None)
+
+
 def run_publisher(job: PublisherJob) -> dict[str, Any]:
     """Entry point of one publisher process."""
     return asyncio.run(_Publisher(job).run())
 
 
 # --- raw NATS limit --------------------------------------------------------------------------------------
-async def _raw_limits(nats_url: str, seconds: float, payload_bytes: int) -> dict[str, Any]:
-    nc = await nats.connect(nats_url, name="baton-bench-raw")
+async def _raw_limits(nats_url: str, seconds: float, payload_bytes: int, creds: str | None) -> dict[str, Any]:
+    nc = await nats.connect(nats_url, name="baton-bench-raw", **_options(creds))
     js = nc.jetstream(publish_async_max_pending=4000)
     for name in (RAW_STREAM_A, RAW_STREAM_B):
         with contextlib.suppress(Exception):
@@ -467,9 +478,9 @@ async def _raw_limits(nats_url: str, seconds: float, payload_bytes: int) -> dict
     }
 
 
-def run_raw(nats_url: str, seconds: float, payload_bytes: int) -> dict[str, Any]:
+def run_raw(nats_url: str, seconds: float, payload_bytes: int, creds: str | None = None) -> dict[str, Any]:
     """Entry point of the raw-limit process."""
-    return asyncio.run(_raw_limits(nats_url, seconds, payload_bytes))
+    return asyncio.run(_raw_limits(nats_url, seconds, payload_bytes, creds))
 
 
 # --- the orchestrator --------------------------------------------------------------------------------------
@@ -521,6 +532,7 @@ class Bench:
         self.config = config
         self.echo = echo
         self.nats_url = config.nats_url or ""
+        self.creds = str(config.creds) if config.creds else None
         self.metrics_url = config.metrics_url
         self.pids: dict[str, int] = {}
         self.departments: tuple[str, ...] = ()
@@ -562,6 +574,7 @@ class Bench:
                 tmp.cleanup()
                 raise
             self.nats_url = stack.nats_url
+            self.creds = str(stack.credentials()) if stack.auth else None
             self.metrics_url = stack.services["metrics"].url
             self.pids = {name: svc.proc.pid for name, svc in stack.services.items() if svc.proc is not None}
             if stack.nats is not None and stack.nats.pid is not None:
@@ -584,7 +597,7 @@ class Bench:
         sat_s = max(1.0, 0.35 * d)
         sampler = ResourceSampler(self.pids)
         sampler.start()
-        nc = await nats.connect(self.nats_url, name="baton-bench")
+        nc = await nats.connect(self.nats_url, name="baton-bench", **_options(self.creds))
         js = nc.jetstream()
         ctx = multiprocessing.get_context("spawn")
         result: dict[str, Any] = {
@@ -605,7 +618,9 @@ class Bench:
                 loop = asyncio.get_running_loop()
                 self.echo(f"raw NATS limit ({raw_each:.0f} s each: publish, consume, relay hop) ...")
                 cpu0 = sampler.cpu()
-                result["raw"] = await loop.run_in_executor(pool, run_raw, self.nats_url, raw_each, cfg.payload_bytes)
+                result["raw"] = await loop.run_in_executor(
+                    pool, run_raw, self.nats_url, raw_each, cfg.payload_bytes, self.creds
+                )
                 result["raw"]["cpu_seconds"] = cpu_delta(cpu0, sampler.cpu())
                 lc_rate = cfg.rate / len(INBOUND_TYPES) / publishers
                 self.echo(f"fixed rate: {cfg.rate:g} inbound events/s for {fixed_s:.0f} s ...")
@@ -665,6 +680,7 @@ class Bench:
                     window=window,
                     max_in_flight=max(self.config.window, math.ceil(lifecycles_per_s)),
                     finish_timeout=self.config.drain_timeout,
+                    creds=self.creds,
                 )
                 for i in range(publishers)
             ]

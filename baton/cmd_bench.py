@@ -30,6 +30,10 @@ def bench(
     keep_logs: Annotated[
         Path | None, typer.Option(help="Embedded stack: copy the services' logs into this directory at the end.")
     ] = None,
+    creds: Annotated[
+        Path | None,
+        typer.Option("--creds", envvar="BATON_NATS_CREDS", help="Admin NATS credential file of a running stack."),
+    ] = None,
 ) -> None:
     """Measure Baton's end-to-end throughput and latency next to the raw NATS limit (same run, same broker)."""
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
@@ -45,6 +49,7 @@ def bench(
         drain_timeout=drain_timeout,
         profile=tuple(p for p in profile.split(",") if p),
         keep_logs=keep_logs,
+        creds=creds,
     )
     result, path = asyncio.run(Bench(config, echo=typer.echo).run())
     typer.echo("")

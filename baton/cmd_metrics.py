@@ -33,6 +33,8 @@ def rebuild_cmd(
     from services.metrics.rebuild import rebuild
     from services.metrics.settings import MetricsSettings
 
+    from .nats_config import cli_options
+
     settings = MetricsSettings()
     report = asyncio.run(
         rebuild(
@@ -40,6 +42,8 @@ def rebuild_cmd(
             database_url or settings.database_url,
             scratch_url=scratch_url,
             replace=replace,
+            # BATON_METRICS_NATS_* when set, else the metrics credential `baton up` wrote (if any)
+            options=settings.nats_options() or cli_options("service", "metrics"),
         )
     )
     for line in report.lines():

@@ -11,6 +11,7 @@ import contextlib
 import sys
 from collections.abc import Callable
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Annotated, Any
 
 import httpx
@@ -22,6 +23,7 @@ from nats.js.api import ConsumerConfig, DeliverPolicy
 from libs.contracts.catalog import parse_duration
 from libs.contracts.subjects import STREAM_NOTIFY, SubjectError, check_slug, department_consumer, notify_filter
 
+from .nats_config import cli_options
 from .supervisor import DEFAULT_HTTP_BASE_PORT, DEFAULT_NATS_PORT
 
 DEFAULT_URL = f"nats://127.0.0.1:{DEFAULT_NATS_PORT}"
@@ -93,6 +95,7 @@ async def follow(
     *,
     limit: int | None = None,
     idle_exit: float | None = None,
+    options: dict[str, Any] | None = None,
 ) -> int:
     """Print a department's notifications as they come; returns how many were shown.
 
@@ -100,8 +103,10 @@ async def follow(
     acking each message once shown, so the next ``tail`` resumes after it. With ``since``: an
     ephemeral consumer replaying from that long ago, which leaves the durable one untouched.
     ``limit`` / ``idle_exit`` (seconds without a message) end the loop (scripts and tests).
+    ``options``: nats-py ``connect`` keywords: the department's credential (the operator's for ``since``,
+    which creates a consumer: departments may not).
     """
-    nc = await nats.connect(nats_url, name=f"baton-tail-{department}", max_reconnect_attempts=-1)
+    nc = await nats.connect(nats_url, name=f"baton-tail-{department}", max_reconnect_attempts=-1, **(options or {}))
     shown = 0
     try:
         js = nc.jetstream()
@@ -143,6 +148,16 @@ def tail(
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="One raw JSON notification per line.")] = False,
     count: Annotated[int | None, typer.Option(help="Stop after this many notifications.")] = None,
+    creds: Annotated[
+        Path | None,
+        typer.Option(
+            "--creds",
+            envvar="BATON_NATS_CREDS",
+            help="NATS credential file; default <data-dir>/nats/creds/departments/<dept>.json "
+            "(admin.json with --since).",
+        ),
+    ] = None,
+    data_dir: Annotated[Path, typer.Option(help="Where `baton up` keeps its data.")] = Path(".baton"),
 ) -> None:
     """Follow a department's notification stream, in colour; resumes where the department left off."""
     dept = _slug(department)
@@ -155,7 +170,13 @@ def tail(
         what = f"replaying the last {since} of" if since else "following"
         typer.secho(f"{what} {notify_filter(dept)} (Ctrl-C to stop)", dim=True, err=True)
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(follow(dept, nats_url, since, emit, limit=count))
+        # The department reads its own durable consumer as itself; a replay (--since) needs a consumer
+        # of its own, which only the operator may create.
+        if since:
+            options = cli_options("admin", "admin", creds=creds, data_dir=data_dir)
+        else:
+            options = cli_options("department", dept, creds=creds, data_dir=data_dir)
+        asyncio.run(follow(dept, nats_url, since, emit, limit=count, options=options))
 
 
 # --- the notifier's HTTP API -------------------------------------------------------------------------

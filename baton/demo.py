@@ -13,6 +13,7 @@ import contextlib
 import logging
 import random
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -93,8 +94,22 @@ def envelope(event_type: str, request_id: str, dept: str, person: str | None = N
 class Demo:
     """Publishes one new request every ``interval`` seconds and plays every provider."""
 
-    def __init__(self, nats_url: str, *, interval: float = 3.0, speed: float = 1.0, seed: int | None = None) -> None:
+    def __init__(
+        self,
+        nats_url: str,
+        *,
+        interval: float = 3.0,
+        speed: float = 1.0,
+        seed: int | None = None,
+        options: Callable[[str | None], dict[str, Any]] | None = None,
+    ) -> None:
         self.nats_url = nats_url
+        #: nats-py ``connect`` keywords per department (its own credential), ``None`` = the operator's
+        #: (which watches every 'routed' notification). Unset: one unauthenticated connection for all.
+        self.options = options
+        self._departments: dict[str, Any] = {}  # slug -> its own connection's JetStream context
+        self._connecting = asyncio.Lock()
+        self._connections: list[Any] = []
         self.interval = interval
         self.speed = speed  # > 1 = providers react faster
         self.random = random.Random(seed)
@@ -103,7 +118,10 @@ class Demo:
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def run(self, *, requests: int | None = None) -> None:
-        nc = await nats.connect(self.nats_url, name="baton-demo", max_reconnect_attempts=-1)
+        nc = await nats.connect(
+            self.nats_url, name="baton-demo", max_reconnect_attempts=-1, **(self.options(None) if self.options else {})
+        )
+        self._connections.append(nc)
         js = nc.jetstream()
         # An ephemeral, read-only view of every 'routed' notification: the departments' own durable
         # consumers are left untouched for `baton tail` and real subscribers.
@@ -125,10 +143,25 @@ class Demo:
             for task in list(self._tasks):
                 task.cancel()
             await asyncio.gather(provider_loop, *self._tasks, return_exceptions=True)
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(nc.close(), 5)
+            for conn in self._connections:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(conn.close(), 5)
+
+    async def _as(self, dept: str, js: Any) -> Any:
+        """The JetStream context that publishes as ``dept``: its own login when ``options`` is set."""
+        if self.options is None:
+            return js
+        async with self._connecting:
+            if dept not in self._departments:
+                conn = await nats.connect(
+                    self.nats_url, name=f"baton-demo-{dept}", max_reconnect_attempts=-1, **self.options(dept)
+                )
+                self._connections.append(conn)
+                self._departments[dept] = conn.jetstream()
+        return self._departments[dept]
 
     async def _publish(self, js: Any, dept: str, event: dict[str, Any]) -> None:
+        js = await self._as(dept, js)
         await js.publish(
             inbound_subject(dept, event["type"]), orjson.dumps(event), headers={"Nats-Msg-Id": event["event_id"]}
         )

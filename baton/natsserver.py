@@ -112,6 +112,7 @@ class NatsServer:
         binary: Path | None = None,
         ready_timeout: float = 10.0,
         die_with_parent: bool = False,
+        client_options: dict[str, Any] | None = None,
     ) -> None:
         self.store_dir = Path(store_dir)
         self.host = host
@@ -126,6 +127,9 @@ class NatsServer:
         #: Linux: SIGTERM the server if the thread that started it dies (see ``die_with_parent``).
         #: Only for callers that start it from a long-lived thread, like ``baton up``'s event loop.
         self.die_with_parent = die_with_parent
+        #: nats-py ``connect`` keywords for the readiness probe (a user allowed ``$JS.API.INFO``, TLS)
+        #: when the config (``extra_config``) requires authentication or TLS.
+        self.client_options: dict[str, Any] = dict(client_options or {})
         self._proc: subprocess.Popen[bytes] | None = None
         self._finalizer: weakref.finalize[Any, Any] | None = None
 
@@ -232,6 +236,7 @@ class NatsServer:
                 allow_reconnect=False,
                 max_reconnect_attempts=0,
                 error_cb=quiet,
+                **self.client_options,
             )
         except Exception:
             return False
@@ -347,3 +352,100 @@ class NatsServer:
     def __repr__(self) -> str:
         state = f"pid {self.pid}" if self.running else "stopped"
         return f"NatsServer({self.host}:{self.port}, {state}, store_dir={str(self.store_dir)!r})"
+
+
+CLUSTER_NAME = "baton"
+
+
+def _distinct_free_ports(host: str, count: int) -> list[int]:
+    ports: list[int] = []
+    while len(ports) < count:
+        port = free_port(host)
+        if port not in ports:
+            ports.append(port)
+    return ports
+
+
+class NatsCluster:
+    """A JetStream cluster of ``size`` nats-server processes on one host (tests and demos of failover).
+
+    Each node is a :class:`NatsServer` with its own ``store_dir/<name>``, client port and cluster (route)
+    port; every node lists every route. Nodes start together (JetStream needs a quorum to elect its
+    meta leader before any node answers ``$JS.API.INFO``) and keep their ports across ``restart``.
+    ``urls`` is the comma-separated list the services take in ``BATON_<SVC>_NATS_URL``.
+    """
+
+    def __init__(
+        self, store_dir: Path, *, size: int = 3, host: str = "127.0.0.1", name: str = CLUSTER_NAME, **kwargs: Any
+    ) -> None:
+        if size < 1:
+            raise ValueError("a cluster needs at least one node")
+        self.store_dir = Path(store_dir)
+        self.host = host
+        self.name = name
+        ports = _distinct_free_ports(host, 2 * size)  # free_port alone may hand out one port twice
+        route_ports, client_ports = ports[:size], ports[size:]
+        routes = ", ".join(json.dumps(f"nats-route://{host}:{p}") for p in route_ports)
+        self.nodes = [
+            NatsServer(
+                self.store_dir / f"n{i + 1}",
+                host=host,
+                port=client_ports[i],
+                server_name=f"{name}-n{i + 1}",
+                extra_config="\n".join(
+                    [
+                        "cluster {",
+                        f"  name: {json.dumps(name)}",
+                        f"  host: {json.dumps(host)}",
+                        f"  port: {route_ports[i]}",
+                        f"  routes: [{routes}]",
+                        "}",
+                    ]
+                ),
+                **kwargs,
+            )
+            for i in range(size)
+        ]
+
+    @property
+    def urls(self) -> str:
+        return ",".join(n.url for n in self.nodes)
+
+    @property
+    def server_list(self) -> list[str]:
+        return [n.url for n in self.nodes]
+
+    def node(self, server_name: str) -> NatsServer:
+        """The node called ``server_name`` (as JetStream reports leaders: ``stream_info().cluster.leader``)."""
+        for n in self.nodes:
+            if n.name == server_name:
+                return n
+        raise KeyError(server_name)
+
+    async def start_async(self, within: float = 30.0) -> Self:
+        for n in self.nodes:
+            n._spawn()
+        try:
+            await asyncio.gather(*(n.wait_ready(within) for n in self.nodes))
+        except BaseException:
+            self.kill()
+            raise
+        return self
+
+    async def stop_async(self, grace: float = 10.0) -> None:
+        await asyncio.gather(*(n.stop_async(grace) for n in self.nodes))
+
+    def kill(self) -> None:
+        for n in self.nodes:
+            n.kill()
+
+    async def __aenter__(self) -> Self:
+        return await self.start_async()
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.stop_async()
+
+    def __repr__(self) -> str:
+        return f"NatsCluster({self.name}, {self.nodes})"

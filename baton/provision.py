@@ -17,8 +17,8 @@ Server behaviour this module relies on (nats-server 2.15):
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, fields, replace
 from enum import Enum, StrEnum
 from typing import Any, Literal
 
@@ -29,15 +29,24 @@ from nats.js.api import (
     ConsumerConfig,
     DeliverPolicy,
     DiscardPolicy,
+    KeyValueConfig,
     RetentionPolicy,
     StorageType,
     StreamConfig,
 )
-from nats.js.errors import APIError, NotFoundError
+from nats.js.errors import APIError, BucketNotFoundError, NotFoundError
 from nats.js.manager import JetStreamManager
 
 from libs.contracts.catalog import Catalog
-from libs.contracts.subjects import SERVICE_CONSUMERS, STREAMS, ConsumerSpec, StreamSpec, department_consumer_spec
+from libs.contracts.subjects import (
+    LEASE_BUCKET,
+    LEASE_TTL_SECONDS,
+    SERVICE_CONSUMERS,
+    STREAMS,
+    ConsumerSpec,
+    StreamSpec,
+    department_consumer_spec,
+)
 
 #: JetStream error code of "stream name already in use with a different configuration".
 ERR_STREAM_NAME_IN_USE = 10058
@@ -185,10 +194,30 @@ def consumer_config(spec: ConsumerSpec) -> ConsumerConfig:
     )
 
 
-def consumer_specs(catalog: Catalog | None = None) -> tuple[ConsumerSpec, ...]:
-    """The service consumers, then one notification consumer per catalog department."""
+#: Per-consumer changes to the specs, keyed by durable name: e.g. ``{"intake": {"max_deliver": 4}}``.
+ConsumerOverrides = Mapping[str, Mapping[str, Any]]
+
+
+def consumer_specs(
+    catalog: Catalog | None = None, overrides: ConsumerOverrides | None = None
+) -> tuple[ConsumerSpec, ...]:
+    """The service consumers, then one notification consumer per catalog department.
+
+    ``overrides`` replaces spec fields per durable (tests use a small ``max_deliver`` / ``ack_wait_seconds``);
+    an unknown durable or field is a :class:`ProvisionError`.
+    """
     departments = catalog.slugs if catalog else []
-    return SERVICE_CONSUMERS + tuple(department_consumer_spec(slug) for slug in departments)
+    specs = SERVICE_CONSUMERS + tuple(department_consumer_spec(slug) for slug in departments)
+    if not overrides:
+        return specs
+    by_name = {s.durable for s in specs}
+    allowed = {f.name for f in fields(ConsumerSpec)} - {"stream", "durable"}
+    for durable, changes in overrides.items():
+        if durable not in by_name:
+            raise ProvisionError(f"override for unknown consumer {durable!r}")
+        if bad := set(changes) - allowed:
+            raise ProvisionError(f"override for consumer {durable!r}: unknown fields {sorted(bad)}")
+    return tuple(replace(s, **overrides[s.durable]) if s.durable in overrides else s for s in specs)
 
 
 # --- comparison -----------------------------------------------------------------------
@@ -276,6 +305,42 @@ async def ensure_consumer(jsm: JetStreamManager, stream: str, config: ConsumerCo
     return Item("consumer", name, Action.CREATED if current is None else Action.UPDATED, changed)
 
 
+async def ensure_lease_bucket(
+    nc: NATS, *, ttl: float = LEASE_TTL_SECONDS, num_replicas: int = 1, dry_run: bool = False, api_timeout: float = 5.0
+) -> Item:
+    """The key-value bucket of consumer leases (``LEASE_BUCKET``: history 1, ``max_age`` = the lease TTL)."""
+    js = nc.jetstream(timeout=api_timeout)
+    name = f"KV_{LEASE_BUCKET}"
+    try:
+        status = await js.key_value(LEASE_BUCKET)
+        info = (await status.status()).stream_info.config
+    except (NotFoundError, BucketNotFoundError):
+        if not dry_run:
+            try:
+                await js.create_key_value(
+                    KeyValueConfig(
+                        bucket=LEASE_BUCKET, history=1, ttl=ttl, replicas=num_replicas, storage=StorageType.FILE
+                    )
+                )
+            except APIError as exc:
+                raise _refused(f"key-value bucket {LEASE_BUCKET}", "create", exc) from exc
+        return Item("stream", name, Action.CREATED)
+    changed = tuple(
+        n
+        for n, want, have in (("max_age", ttl, info.max_age), ("num_replicas", num_replicas, info.num_replicas))
+        if not _same(want, have)
+    )
+    if not changed:
+        return Item("stream", name, Action.UNCHANGED)
+    if not dry_run:
+        info.max_age, info.num_replicas = ttl, num_replicas
+        try:
+            await js.update_stream(info)
+        except APIError as exc:
+            raise _refused(f"key-value bucket {LEASE_BUCKET} ({', '.join(changed)} changed)", "update", exc) from exc
+    return Item("stream", name, Action.UPDATED, changed)
+
+
 async def _unknown_consumers(jsm: JetStreamManager, specs: Iterable[ConsumerSpec]) -> list[str]:
     known = {(s.stream, s.durable) for s in specs}
     found: list[str] = []
@@ -295,18 +360,30 @@ async def provision(
     num_replicas: int = 1,
     dry_run: bool = False,
     api_timeout: float = 5.0,
+    overrides: ConsumerOverrides | None = None,
+    connect_options: dict[str, Any] | None = None,
+    lease_ttl: float = LEASE_TTL_SECONDS,
 ) -> ProvisionReport:
     """Create or update every stream in ``STREAMS`` and every consumer in ``SERVICE_CONSUMERS``,
     plus one notification consumer per catalog department. Running it twice changes nothing.
 
     ``nc_or_url``: a connected client (left open) or a server URL (connected and closed here).
     ``dry_run``: compute the report without changing anything. ``api_timeout``: per JetStream API request.
+    ``overrides``: per-durable spec changes (see :func:`consumer_specs`).
+    ``connect_options``: nats-py ``connect`` keywords (the admin credential, TLS) when given a URL.
+    ``lease_ttl``: the TTL of the consumer-lease bucket (how soon a standby intake replica takes over).
     """
-    specs = consumer_specs(catalog)
+    specs = consumer_specs(catalog, overrides)
     configs = [(spec.stream, consumer_config(spec)) for spec in specs]  # validate every spec before any change
     own = isinstance(nc_or_url, str)
     if isinstance(nc_or_url, str):
-        nc = await nats.connect(nc_or_url, name="baton-provision", connect_timeout=api_timeout, allow_reconnect=False)
+        nc = await nats.connect(
+            nc_or_url,
+            name="baton-provision",
+            connect_timeout=api_timeout,
+            allow_reconnect=False,
+            **(connect_options or {}),
+        )
     else:
         nc = nc_or_url
     try:
@@ -318,6 +395,11 @@ async def provision(
             )
         for stream, config in configs:
             report.items.append(await ensure_consumer(jsm, stream, config, dry_run=dry_run))
+        report.items.append(
+            await ensure_lease_bucket(
+                nc, ttl=lease_ttl, num_replicas=num_replicas, dry_run=dry_run, api_timeout=api_timeout
+            )
+        )
         report.unknown_consumers = await _unknown_consumers(jsm, specs)
         return report
     finally:

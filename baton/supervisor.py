@@ -15,13 +15,16 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 
 from libs.contracts import Catalog
 from libs.contracts.catalog_file import load_catalog
+from libs.contracts.natsauth import connect_options
 
 from .cmd_tokens import ensure_stack_tokens
+from .nats_config import AUTH_CONF, Kind, credential_path, write_nats_config
 from .natsserver import NatsServer, die_with_parent, free_port
 from .provision import provision
 
@@ -48,6 +51,14 @@ class StackConfig:
     nats_url: str | None = None  # target a running NATS instead of starting one
     extra_env: dict[str, str] = field(default_factory=dict)
     ready_timeout: float = 60.0
+    #: NATS users per department and service (docs/security.md). With ``nats_url`` (a running server),
+    #: the credential files already under ``data_dir/nats/creds`` are used when there are any.
+    auth: bool = True
+    #: Per service (``{"routing": {...}}``), applied over ``extra_env``: e.g. a database URL, a failpoint.
+    service_env: dict[str, dict[str, str]] = field(default_factory=dict)
+    #: Restart policy of a service that exits on its own (the fault tests kill services on purpose).
+    max_restarts: int = MAX_RESTARTS
+    max_restart_delay: float = 10.0
 
 
 @dataclass
@@ -79,6 +90,9 @@ class Stack:
         self._closing = False
         self.tokens_path = self.data_dir / "tokens.yaml"
         self.new_tokens_file: Path | None = None
+        self.nats_dir = self.data_dir / "nats"
+        #: True once NATS users are in force: every client then needs its credential file.
+        self.auth = False
 
     # --- start ---------------------------------------------------------------------
     async def start(self) -> None:
@@ -87,17 +101,25 @@ class Stack:
         self.new_tokens_file = ensure_stack_tokens(self.data_dir, [d.slug for d in self.catalog.departments])
         if self.new_tokens_file is not None:
             log.info("made department tokens; their only plaintext copy is %s", self.new_tokens_file)
+        if self.config.auth and not self.nats_url:
+            # Users from the current catalog on every start; existing passwords are kept.
+            report = write_nats_config(self.nats_dir, self.catalog, server_conf=False)
+            if report.created:
+                log.info("made NATS credentials for %s in %s", ", ".join(report.created), self.nats_dir / "creds")
+        self.auth = self.config.auth and credential_path(self.nats_dir, "admin", "admin").exists()
         if not self.nats_url:
             self.nats = NatsServer(
-                self.data_dir / "nats",
+                self.nats_dir,
                 port=self.config.nats_port,
                 monitor_port=self.config.monitor_port,
                 server_name="baton-embedded",
                 die_with_parent=True,
+                extra_config=f"include {AUTH_CONF}" if self.auth else "",
+                client_options=self.client_options(),
             )
             await self.nats.start_async()
             self.nats_url = self.nats.url
-        await provision(self.nats_url, self.catalog)
+        await provision(self.nats_url, self.catalog, connect_options=self.client_options())
         for index, name in enumerate(SERVICES):
             port = free_port() if self.config.http_base_port == 0 else self.config.http_base_port + index
             self.services[name] = self._service(name, port)
@@ -119,7 +141,10 @@ class Stack:
             prefix + "TOKENS_PATH": str(self.tokens_path),
             "OTEL_SERVICE_NAME": f"baton-{name}",
             **self.config.extra_env,
+            **self.config.service_env.get(name, {}),
         }
+        if self.auth:
+            env[prefix + "NATS_CREDENTIALS"] = str(self.credentials("service", name))
         return ServiceProcess(name, port, env, self.data_dir / "logs" / f"{name}.log")
 
     async def _spawn(self, svc: ServiceProcess) -> None:
@@ -152,16 +177,16 @@ class Stack:
                 return
             now = time.monotonic()
             svc.restarts = [t for t in svc.restarts if now - t < RESTART_WINDOW] + [now]
-            if len(svc.restarts) > MAX_RESTARTS:
+            if len(svc.restarts) > self.config.max_restarts:
                 log.error(
                     "%s exited %d times within %.0fs; giving up (see %s)",
                     svc.name,
-                    MAX_RESTARTS,
+                    self.config.max_restarts,
                     RESTART_WINDOW,
                     svc.log_path,
                 )
                 return
-            delay = min(2.0 ** (len(svc.restarts) - 1), 10.0)
+            delay = min(2.0 ** (len(svc.restarts) - 1), self.config.max_restart_delay)
             log.warning("%s exited with %s; restarting in %.0fs (log: %s)", svc.name, code, delay, svc.log_path)
             await asyncio.sleep(delay)
             if not self._closing:
@@ -184,12 +209,29 @@ class Stack:
                 if pending:
                     await asyncio.sleep(0.2)
 
+    # --- NATS identities -----------------------------------------------------------------
+    def credentials(self, kind: Kind = "admin", name: str = "admin") -> Path:
+        """An identity's credential file (``kind`` department/service/admin)."""
+        return credential_path(self.nats_dir, kind, name)
+
+    def client_options(self, kind: Kind = "admin", name: str = "admin") -> dict[str, Any]:
+        """``nats.connect`` keywords for an identity; empty when the stack runs without NATS users."""
+        if not self.auth:
+            return {}
+        return connect_options(credentials=self.credentials(kind, name))
+
     # --- control (tests and faults use these) ------------------------------------------
     async def kill_service(self, name: str, sig: int = signal.SIGKILL) -> None:
         """Send ``sig`` to a service; the supervisor restarts it like a real crash."""
         proc = self.services[name].proc
         if proc is not None and proc.returncode is None:
             proc.send_signal(sig)
+
+    async def restart_nats(self, *, kill: bool = False) -> None:
+        """Stop (or kill) the embedded nats-server and start it again: same port, same JetStream data."""
+        if self.nats is None:
+            raise RuntimeError("this stack targets an external NATS; it cannot restart it")
+        await self.nats.restart_async(kill=kill)
 
     # --- stop --------------------------------------------------------------------------
     async def stop(self, grace: float = 20.0) -> None:
@@ -216,6 +258,12 @@ class Stack:
 
     def describe(self) -> list[tuple[str, str]]:
         rows = [("NATS", self.nats_url)]
+        if self.auth:
+            rows.append(
+                ("NATS users", f"{self.nats_dir / 'creds'} (one credential file per department; docs/security.md)")
+            )
+        else:
+            rows.append(("NATS users", "none: anyone who reaches the port may publish and read everything"))
         if self.nats is not None and self.nats.monitor_url:
             rows.append(("NATS monitoring", self.nats.monitor_url))
         for svc in self.services.values():

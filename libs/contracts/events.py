@@ -179,7 +179,9 @@ class Returned(Envelope):
 
     type: Literal["returned"] = "returned"
     reason: Annotated[NonBlank, StringConstraints(max_length=2000)]
-    declined_by: list[Slug] = Field(default_factory=list, description="Departments that declined, in order.")
+    declined_by: list[Slug] = Field(
+        default_factory=list, max_length=100, description="Departments that declined, in order."
+    )
     caused_by: EventId
 
 
@@ -217,7 +219,7 @@ class HandoffLoopDetected(Envelope):
 
     type: Literal["handoff_loop_detected"] = "handoff_loop_detected"
     pattern: LoopPattern
-    chain: list[Slug] = Field(description="The handoff chain so far, oldest first.")
+    chain: list[Slug] = Field(max_length=100, description="The handoff chain so far, oldest first.")
     detail: Annotated[str, StringConstraints(max_length=1000)] = ""
 
 

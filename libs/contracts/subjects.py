@@ -18,6 +18,8 @@ STREAM_EVENTS = "BATON_EVENTS"
 STREAM_NOTIFY = "BATON_NOTIFY"
 STREAM_DLQ = "BATON_DLQ"
 STREAM_TIMERS = "BATON_TIMERS"
+#: JetStream's max-deliveries and terminated advisories for Baton's service consumers (see docs/reliability.md).
+STREAM_ADVISORIES = "BATON_ADVISORIES"
 
 # --- subject prefixes ----------------------------------------------------------
 INBOUND_PREFIX = "baton.in"  # baton.in.<dept>.<type>        (line-of-business systems)
@@ -25,6 +27,10 @@ SERVICE_PREFIX = "baton.svc"  # baton.svc.<service>.<type>    (events Baton's se
 EVENTS_PREFIX = "baton.events"  # baton.events.<request_id>.<type>  (canonical log, written by intake)
 NOTIFY_PREFIX = "baton.notify"  # baton.notify.<dept>.<type>
 DLQ_PREFIX = "baton.dlq"  # baton.dlq.<service>.<code>
+DLQ_REPLAY_PREFIX = f"{DLQ_PREFIX}.replay"  # baton.dlq.replay.<dlq sequence>  (replay records, `baton dlq replay`)
+#: Core-NATS advisories JetStream publishes (not persisted unless a stream captures them).
+ADVISORY_MAX_DELIVERIES_PREFIX = "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES"
+ADVISORY_TERMINATED_PREFIX = "$JS.EVENT.ADVISORY.CONSUMER.MSG_TERMINATED"
 #: Routing's durable SLA timers (JetStream message schedules): a schedule is held on
 #: baton.timers.sched.<request_id>.<dept>.<clock>.<episode>.<kind> and, at its time, the server
 #: publishes it to baton.timers.due.<same tokens>, which routing consumes. Internal to routing.
@@ -42,6 +48,15 @@ CONSUMER_ROUTING = "routing"  # on BATON_EVENTS
 CONSUMER_NOTIFIER = "notifier"  # on BATON_EVENTS
 CONSUMER_METRICS = "metrics"  # on BATON_EVENTS
 CONSUMER_ROUTING_TIMERS = "routing-timers"  # on BATON_TIMERS (baton.timers.due.>)
+CONSUMER_ADVISORIES = "advisories"  # on BATON_ADVISORIES (run by intake: advisories -> dead letters)
+
+# --- leases ----------------------------------------------------------------------
+#: JetStream key-value bucket of consumer leases (one key per singleton consumer, e.g. ``intake``):
+#: history 1, ``max_age`` = the lease TTL. Of several intake replicas only the lease holder consumes
+#: BATON_IN (services/intake/lease.py).
+LEASE_BUCKET = "baton_leases"
+#: Default lease TTL: a standby intake replica takes over at most about this long after the holder died.
+LEASE_TTL_SECONDS = 10.0
 
 MINUTE = 60.0
 HOUR = 60 * MINUTE
@@ -102,6 +117,12 @@ def notify_filter(dept: str) -> str:
 
 def dlq_subject(service: str, code: str) -> str:
     return f"{DLQ_PREFIX}.{check_service(service)}.{check_event_type(code)}"
+
+
+def dlq_replay_subject(dlq_sequence: int) -> str:
+    """Where ``baton dlq replay`` records that it re-published the entry at ``dlq_sequence``."""
+    ok = isinstance(dlq_sequence, int) and not isinstance(dlq_sequence, bool) and dlq_sequence >= 1
+    return f"{DLQ_REPLAY_PREFIX}.{_check('dlq sequence', str(dlq_sequence), ok)}"
 
 
 def _timer_tokens(request_id: str, dept: str, clock: str, episode: int, kind: str) -> str:
@@ -204,6 +225,20 @@ class ConsumerSpec:
     backoff_seconds: tuple[float, ...] = field(default=())
 
 
+#: The consumers whose give-ups become dead letters through advisories (each durable, with its stream).
+_ADVISED_CONSUMERS = (
+    (STREAM_IN, CONSUMER_INTAKE),
+    (STREAM_EVENTS, CONSUMER_ROUTING),
+    (STREAM_EVENTS, CONSUMER_NOTIFIER),
+    (STREAM_EVENTS, CONSUMER_METRICS),
+    (STREAM_TIMERS, CONSUMER_ROUTING_TIMERS),
+)
+ADVISORY_SUBJECTS: tuple[str, ...] = tuple(
+    f"{prefix}.{stream}.{durable}"
+    for stream, durable in _ADVISED_CONSUMERS
+    for prefix in (ADVISORY_MAX_DELIVERIES_PREFIX, ADVISORY_TERMINATED_PREFIX)
+)
+
 STREAMS: tuple[StreamSpec, ...] = (
     StreamSpec(
         STREAM_IN,
@@ -248,6 +283,15 @@ STREAMS: tuple[StreamSpec, ...] = (
         allow_msg_schedules=True,
         allow_msg_ttl=True,
     ),
+    StreamSpec(
+        STREAM_ADVISORIES,
+        ADVISORY_SUBJECTS,
+        "JetStream max-deliveries and terminated advisories of Baton's service consumers; intake turns "
+        "each into a dead letter on BATON_DLQ.",
+        max_age_seconds=30 * DAY,
+        duplicate_window_seconds=2 * MINUTE,
+        max_msg_size=64 * 1024,
+    ),
 )
 
 SERVICE_CONSUMERS: tuple[ConsumerSpec, ...] = (
@@ -262,6 +306,13 @@ SERVICE_CONSUMERS: tuple[ConsumerSpec, ...] = (
         filter_subjects=(f"{TIMER_DUE_PREFIX}.>",),
         # A due timer waits while routing catches up on the request's events (nak with a delay): it must
         # never run out of deliveries and be dropped. Routing dead-letters an unreadable one itself.
+        max_deliver=-1,
+    ),
+    ConsumerSpec(
+        STREAM_ADVISORIES,
+        CONSUMER_ADVISORIES,
+        "Intake turns max-deliveries and terminated advisories into dead letters.",
+        # An advisory is never dropped: a failure (BATON_DLQ unreachable) is retried with a delay forever.
         max_deliver=-1,
     ),
 )

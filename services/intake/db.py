@@ -5,7 +5,6 @@ SQLAlchemy 2 (async). SQLite is the embedded default, PostgreSQL the production 
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator, Collection
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
@@ -14,11 +13,13 @@ from typing import Any, overload
 
 from sqlalchemy import JSON, DateTime, Integer, String, Text, UniqueConstraint, delete, event, select, update
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+from libs import migrations as schema
+
 from .domain import RequestState, State
+from .migrations import migrations
 
 
 def utcnow() -> datetime:
@@ -143,25 +144,13 @@ def make_engine(url: str) -> AsyncEngine:
     return create_async_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5)
 
 
-#: Serialises schema creation between replicas starting together on PostgreSQL (any constant works).
-SCHEMA_LOCK_KEY = 0x6261746F6E01  # "baton" + 1
-
-
-async def create_schema(engine: AsyncEngine) -> None:
-    """Create missing tables; safe when several replicas start at once on an empty database."""
-    for attempt in range(5):
-        try:
-            async with engine.begin() as conn:
-                if conn.dialect.name == "postgresql":
-                    await conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({SCHEMA_LOCK_KEY})")
-                await conn.run_sync(Base.metadata.create_all)
-            return
-        except (OperationalError, IntegrityError, ProgrammingError) as exc:
-            # SQLite has no advisory lock: another process created a table between our check and our
-            # CREATE. The next pass sees it and skips it.
-            if "already exists" not in str(exc) or attempt == 4:
-                raise
-            await asyncio.sleep(0.05 * (attempt + 1))
+async def create_schema(engine: AsyncEngine, *, migrate: bool = True) -> None:
+    """Migrate the database to head (services/intake/migrations), or with ``migrate=False`` only check
+    that it is there. Safe when several replicas start at once (libs.migrations locks the upgrade)."""
+    if migrate:
+        await schema.upgrade(engine, migrations())
+    else:
+        await schema.require_head(engine, migrations())
 
 
 class Database:
@@ -172,8 +161,8 @@ class Database:
         self.sessions = async_sessionmaker(self.engine, expire_on_commit=False)
         self.is_postgres = self.engine.dialect.name == "postgresql"
 
-    async def start(self) -> None:
-        await create_schema(self.engine)
+    async def start(self, *, migrate: bool = True) -> None:
+        await create_schema(self.engine, migrate=migrate)
 
     async def close(self) -> None:
         await self.engine.dispose()

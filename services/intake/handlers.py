@@ -16,7 +16,10 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import functools
+import itertools
 import logging
+import os
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, replace
@@ -25,6 +28,7 @@ from enum import StrEnum
 from typing import Any, Protocol, cast
 
 import nats.errors
+import nats.js.errors
 import orjson
 from faststream.middlewares import AckPolicy
 from faststream.nats import JStream, NatsMessage, NatsRouter, PullSub
@@ -38,6 +42,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from libs.contracts import DeadLetter, LifecycleEvent, Rejection, dumps
 from libs.contracts import tracing as telemetry
+from libs.contracts.dlq import TERM_DEAD_LETTERED, term_with_reason
 from libs.contracts.envelope import ID_RE
 from libs.contracts.notifications import FieldError, RejectionCode
 from libs.contracts.publishing import Outgoing, PublishMany, dedupe, sequential_publish_many
@@ -74,6 +79,10 @@ TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
     nats.errors.ConnectionClosedError,
     nats.errors.NoServersError,
     nats.errors.TimeoutError,
+    # JetStream between two leaders of a stream (a node of the cluster died): no PubAck for a few seconds.
+    nats.errors.NoRespondersError,
+    nats.js.errors.NoStreamResponseError,
+    nats.js.errors.ServiceUnavailableError,
 )
 
 
@@ -128,6 +137,15 @@ class _BatchCache:
             row = self.rows.get(request_id)
             trace_parent = self.trace_parents.get(request_id) if row is None else None
             await db.save_state(session, row, self.states[request_id], now, trace_parent=trace_parent)
+
+
+class LeaseLost(RuntimeError):
+    """This replica lost the consumer lease while it held a batch (services/intake/lease.py)."""
+
+
+def _request_of(out: Outgoing) -> str:
+    """The request id of a canonical event to publish (``baton.events.<request_id>.<type>``)."""
+    return out.subject.split(".")[2]
 
 
 def _ids_of(data: bytes) -> tuple[str | None, str | None]:
@@ -208,7 +226,9 @@ class IntakeProcessor:
         self._publish = publish
         self.publish_many = sequential_publish_many(publish)
 
-    async def process_batch(self, msgs: Sequence[Inbound], span: SpanFactory) -> list[Outcome]:
+    async def process_batch(
+        self, msgs: Sequence[Inbound], span: SpanFactory, *, active: Callable[[], bool] = lambda: True
+    ) -> list[Outcome]:
         """Every message of a fetched batch in one transaction, committed once; then every canonical event
         published in order with one PubAck window; then the refusals (recorded, dead-lettered and notified one
         by one, as :meth:`process` does). Returns one outcome per message, in order; the caller acks only after
@@ -220,6 +240,8 @@ class IntakeProcessor:
         message. A failure after the commit is repaired the same way: the applied events are then found by
         event_id and their stored canonical bytes published again (``Nats-Msg-Id`` = event_id).
         ``span(msg, anchor)`` opens the consumer span of a message, given its request's stored traceparent.
+        ``active()`` is asked again just before the commit: a replica that lost the consumer lease meanwhile
+        rolls the batch back (and the caller hands the messages back) instead of committing it.
         """
         decisions: list[tuple[Outcome, Outgoing | None, tuple[Refusal, Checked | Rejected] | None]] = []
         async with self.db.transaction() as session:
@@ -228,6 +250,11 @@ class IntakeProcessor:
                 with span(msg, cache.anchor(msg.data)):
                     decisions.append(await self._decide_in(session, msg, cache))
             await cache.save(session)
+            if not active():
+                raise LeaseLost("the consumer lease was lost while the batch was decided; rolled back")
+        for _outcome, out, _refused in decisions:
+            if out is not None:
+                failpoint(_request_of(out))  # test-only
         await self.publish_many(dedupe([out for _o, out, _r in decisions if out is not None]))
         for msg, (_outcome, _out, refused) in zip(msgs, decisions, strict=True):
             if refused is not None:
@@ -286,6 +313,7 @@ class IntakeProcessor:
             raise RuntimeError(f"request {checked.event.request_id}: too many concurrent updates")
         if isinstance(result, Refusal):
             return result
+        failpoint(result.request_id)  # test-only
         # Published after the commit; on a crash here, redelivery (NATS) or the outbox (HTTP) publishes again.
         await self._publish_canonical(result.event_id, result.request_id, result.type, result.canonical)
         if outbox:
@@ -547,11 +575,17 @@ def build_router(
     batch_size: int,
     fetch_timeout: float,
     retry_delay: float,
+    max_deliver: Callable[[], int | None] | None = None,
+    inbox_prefix: bytes = b"_INBOX.",  # the service's own (docs/security.md)
+    active: Callable[[], bool] = lambda: True,
 ) -> NatsRouter:
     """Intake's only subscription: the durable ``intake`` consumer on ``BATON_IN`` (provisioned by Baton).
 
     A batch subscriber keeps the stream order (FastStream's single-message pull subscriber
     handles a fetched batch concurrently); every message is acked or naked on its own.
+    ``active``: False once this replica lost the consumer lease (services/intake/lease.py): the
+    rest of the batch in hand is then handed back at once (nak without delay, in order) so that
+    the new holder gets it before anything later in the stream.
     """
     router = NatsRouter()
     spec = next(c for c in SERVICE_CONSUMERS if c.durable == CONSUMER_INTAKE)
@@ -574,6 +608,7 @@ def build_router(
         stream=JStream(STREAM_IN, declare=False),
         durable=CONSUMER_INTAKE,
         pull_sub=PullSub(batch_size=batch_size, timeout=fetch_timeout, batch=True),
+        inbox_prefix=inbox_prefix,
         ack_policy=AckPolicy.MANUAL,
         decoder=raw_batch,
         title="intake:inbound",
@@ -584,9 +619,9 @@ def build_router(
         inbounds = [to_inbound(raw) for raw in raws]
         # Several messages: one transaction, the canonical events published with one PubAck window, then the
         # acks (a batch of one goes straight to the per-message path below).
-        if len(raws) > 1:
+        if len(raws) > 1 and active():
             try:
-                await processor.process_batch(inbounds, span_for)
+                await processor.process_batch(inbounds, span_for, active=active)
             except Exception:
                 log.warning("batch of %d messages failed; handling them one at a time", len(raws), exc_info=True)
             else:
@@ -595,17 +630,28 @@ def build_router(
                 return
         # One at a time: transient failures retried in place, a poison isolated, the order kept.
         for index, raw in enumerate(raws):
+            if not active():
+                log.info("lease lost: handing back %d fetched messages", len(raws) - index)
+                for later in raws[index:]:
+                    with contextlib.suppress(Exception):
+                        await later.nak()
+                return
             inbound = inbounds[index]
-            settled = await _process_in_place(processor, tracer, raw, inbound, retry_delay)
-            if settled:
+            # The provisioned limit (read at start), else the spec's.
+            limit = (max_deliver() if max_deliver else None) or spec.max_deliver
+            last = 0 < limit <= inbound.num_delivered
+            # On the last delivery a transient failure is waited out in place for as long as it lasts:
+            # a database outage never sends a message to the dead-letter queue.
+            failure = await _process_in_place(processor, tracer, raw, inbound, retry_delay, forever=last)
+            if failure is None:
+                continue
+            if last:
+                log.error("giving up on %s after %d deliveries", raw.subject[:128], inbound.num_delivered)
+                await processor.dead_letter_poison(inbound, failure)
+                await term_with_reason(raw, TERM_DEAD_LETTERED)  # the advisory then knows it is dead-lettered
                 continue
             # Not transient (a bug, or a dependency down for minutes): let JetStream redeliver later,
             # this message and everything after it in the batch, so that the order is kept.
-            if inbound.num_delivered >= spec.max_deliver:
-                log.error("giving up on %s after %d deliveries", raw.subject[:128], inbound.num_delivered)
-                await processor.dead_letter_poison(inbound, RuntimeError("processing kept failing"))
-                await raw.term()
-                continue
             delay = backoff_delay(retry_delay, inbound.num_delivered)
             for later in raws[index:]:
                 await later.nak(delay=delay)
@@ -615,15 +661,25 @@ def build_router(
 
 
 async def _process_in_place(
-    processor: IntakeProcessor, tracer: trace.Tracer, raw: Msg, inbound: Inbound, retry_delay: float
-) -> bool:
-    """Process one message, retrying transient failures *in place* (True = settled and acked).
+    processor: IntakeProcessor,
+    tracer: trace.Tracer,
+    raw: Msg,
+    inbound: Inbound,
+    retry_delay: float,
+    *,
+    forever: bool = False,
+) -> BaseException | None:
+    """Process one message, retrying transient failures *in place* (None = settled and acked, else the failure).
 
     Intake feeds one ordered log: if it nak'd a message on a short database outage, a later event
     of the same request could overtake it and be refused. So transient errors are retried here,
-    holding the batch and telling JetStream the message is still in progress.
+    holding the batch and telling JetStream the message is still in progress (``forever``: with no
+    limit on the attempts, used on the last allowed delivery).
     """
-    for attempt in range(1, IN_PLACE_ATTEMPTS + 1):
+    failure: BaseException | None = None
+    attempt = 0
+    while forever or attempt < IN_PLACE_ATTEMPTS:
+        attempt += 1
         try:
             parent, links = await request_span_parent(processor, inbound.data, telemetry.extract(inbound.headers))
             with telemetry.process_span(
@@ -637,18 +693,19 @@ async def _process_in_place(
             ):
                 await processor.process(inbound)
         except TRANSIENT_ERRORS as exc:
+            failure = exc
             delay = min(backoff_delay(retry_delay, attempt), MAX_IN_PLACE_DELAY)
             log.warning("transient failure on %s (%s); retry %d in %.1fs", raw.subject[:128], exc, attempt, delay)
             with contextlib.suppress(Exception):
                 await raw.in_progress()
             await asyncio.sleep(delay)
             continue
-        except Exception:
+        except Exception as exc:
             log.exception("processing %s failed", raw.subject[:128])
-            return False
+            return exc
         await raw.ack()
-        return True
-    return False
+        return None
+    return failure or RuntimeError("transient failures kept happening")
 
 
 async def request_span_parent(
@@ -684,3 +741,30 @@ def to_inbound(raw: Msg) -> Inbound:
         stream_sequence=meta.sequence.stream,
         num_delivered=meta.num_delivered,
     )
+
+
+# --- test-only fault injection (tests/faults) ----------------------------------------------------
+@functools.cache
+def _failpoint_spec() -> tuple[str, str]:
+    """``BATON_INTAKE_FAILPOINT``, read once; unset (the default) everywhere but the fault tests."""
+    kind, _, arg = os.environ.get("BATON_INTAKE_FAILPOINT", "").partition(":")
+    return kind, arg
+
+
+_failpoint_passes = itertools.count(1)
+
+
+def failpoint(request_id: str) -> None:
+    """Test-only (tests/faults), called right after the commit and before the publishes and the ack.
+
+    ``crash_after_commit:<n>``: every n-th pass exits the process at once (``os._exit(137)``, as
+    ``kill -9`` would); ``raise_for:<request_id>``: every delivery of that request's events fails
+    (a poison message). Does nothing when ``BATON_INTAKE_FAILPOINT`` is unset.
+    """
+    kind, arg = _failpoint_spec()
+    if kind == "crash_after_commit" and next(_failpoint_passes) % max(int(arg), 1) == 0:
+        log.warning("failpoint crash_after_commit: exiting after the commit, before the ack")
+        logging.shutdown()
+        os._exit(137)
+    if kind == "raise_for" and request_id == arg:
+        raise RuntimeError(f"failpoint raise_for: poison request {request_id}")

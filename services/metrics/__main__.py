@@ -21,6 +21,7 @@ def main() -> None:
             port=settings.http_port,
             log_level="warning",
             timeout_graceful_shutdown=int(settings.graceful_timeout),
+            **settings.uvicorn_tls(),  # HTTPS when BATON_*_HTTP_TLS_CERT/_KEY are set
         )
     )
     # Live streams (/v1/live/stream) end as soon as the server starts shutting down.

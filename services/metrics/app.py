@@ -62,9 +62,13 @@ RESOLVE_BUCKETS = (3600, 14400, 28800, 86400, 172800, 259200, 432000, 864000, 17
 WINDOWS = ("7d", "30d", "90d")
 
 
-async def require_consumer(servers: list[str], stream: str, durable: str) -> None:
+async def require_consumer(
+    servers: list[str], stream: str, durable: str, options: dict[str, Any] | None = None
+) -> None:
     """Fail fast, with the fix, when the durable consumer was not provisioned (services never create one)."""
-    nc = await nats.connect(servers, connect_timeout=5, max_reconnect_attempts=3, name=f"{SERVICE_NAME}-check")
+    nc = await nats.connect(
+        servers, connect_timeout=5, max_reconnect_attempts=3, name=f"{SERVICE_NAME}-check", **(options or {})
+    )
     try:
         await nc.jetstream().consumer_info(stream, durable)
     except NotFoundError as exc:
@@ -196,8 +200,10 @@ def create_app(
     registry = CollectorRegistry()
     servers = [s.strip() for s in settings.nats_url.split(",") if s.strip()]
 
+    nats_options = settings.nats_options()  # this service's NATS login (docs/security.md)
     broker = NatsBroker(
         servers,
+        **settings.broker_options(),
         name=SERVICE_NAME,
         max_reconnect_attempts=-1,
         reconnect_time_wait=1,
@@ -260,6 +266,7 @@ def create_app(
             fetch_timeout=settings.fetch_timeout,
             retry_delay=settings.retry_delay,
             tracer=tracer,
+            inbox_prefix=settings.subscriber_inbox_prefix(),
         )
     )
 
@@ -270,9 +277,9 @@ def create_app(
                 "BATON_METRICS_TOKENS_PATH is not set: OPEN ACCESS, every visitor sees every request. "
                 "Set it to a token file (baton tokens) for any shared deployment."
             )
-        await database.start()
+        await database.start(migrate=settings.migrate_on_start)
         await business.refresh_open()
-        await require_consumer(servers, STREAM_EVENTS, CONSUMER_METRICS)
+        await require_consumer(servers, STREAM_EVENTS, CONSUMER_METRICS, nats_options)
         await broker.start()
         log.info("metrics consuming %s/%s", STREAM_EVENTS, CONSUMER_METRICS)
         try:

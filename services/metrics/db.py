@@ -17,18 +17,33 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import BigInteger, DateTime, Integer, String, Text, UniqueConstraint, delete, event, func, or_, select
+from sqlalchemy import (
+    BigInteger,
+    DateTime,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+    delete,
+    event,
+    func,
+    or_,
+    select,
+    text,
+)
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+from libs import migrations as schema
 from libs.contracts import parse_event
 from libs.contracts.notifications import Role
 
 from .domain import Canonical
 from .facts import TERMINAL_STATES, RequestFacts, build_facts
+from .migrations import migrations
 
 
 def utcnow() -> datetime:
@@ -107,9 +122,13 @@ def make_engine(url: str) -> AsyncEngine:
     return create_async_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5)
 
 
-async def create_schema(engine: AsyncEngine) -> None:
-    async with engine.begin() as conn:
-        await conn.run_sync(Base.metadata.create_all)
+async def create_schema(engine: AsyncEngine, *, migrate: bool = True) -> None:
+    """Migrate the database to head (services/metrics/migrations), or with ``migrate=False`` only check
+    that it is there. Safe when several replicas start at once (libs.migrations locks the upgrade)."""
+    if migrate:
+        await schema.upgrade(engine, migrations())
+    else:
+        await schema.require_head(engine, migrations())
 
 
 class Database:
@@ -120,8 +139,8 @@ class Database:
         self.sessions = async_sessionmaker(self.engine, expire_on_commit=False)
         self.dialect = self.engine.dialect.name
 
-    async def start(self) -> None:
-        await create_schema(self.engine)
+    async def start(self, *, migrate: bool = True) -> None:
+        await create_schema(self.engine, migrate=migrate)
 
     async def close(self) -> None:
         await self.engine.dispose()
@@ -151,6 +170,14 @@ def _insert(session: AsyncSession, table: Any) -> Any:
     if dialect == "sqlite":
         return sqlite_insert(table).on_conflict_do_nothing()
     raise NotImplementedError(f"unsupported database dialect {dialect!r}")  # pragma: no cover
+
+
+async def lock_request(session: AsyncSession, request_id: str) -> None:
+    """PostgreSQL: hold a per-request advisory lock until the transaction ends (SQLite writes are serial anyway)."""
+    if session.get_bind().dialect.name == "postgresql":
+        await session.execute(
+            text("SELECT pg_advisory_xact_lock(hashtextextended(:key, 0))"), {"key": f"metrics:{request_id}"}
+        )
 
 
 async def insert_event(session: AsyncSession, row: dict[str, Any]) -> Stored:

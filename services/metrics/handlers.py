@@ -16,7 +16,10 @@ Delivery rules:
 from __future__ import annotations
 
 import base64
+import functools
+import itertools
 import logging
+import os
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
@@ -24,14 +27,17 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any, Protocol, cast
 
+import nats.errors
 from faststream.middlewares import AckPolicy
 from faststream.nats import JStream, NatsMessage, NatsRouter, PullSub
 from nats.aio.msg import Msg
 from opentelemetry import context as otel_context
 from opentelemetry import trace
+from sqlalchemy.exc import InterfaceError, OperationalError
 
 from libs.contracts import EVENT_MODELS, DeadLetter, dumps
 from libs.contracts import tracing as telemetry
+from libs.contracts.dlq import TERM_DEAD_LETTERED, term_with_reason, wait_out_transient
 from libs.contracts.envelope import ID_RE
 from libs.contracts.notifications import FieldError, Role
 from libs.contracts.publishing import Outgoing, PublishMany, sequential_publish_many
@@ -52,6 +58,16 @@ log = logging.getLogger("baton.metrics")
 default_tracer = trace.get_tracer("baton.metrics")
 
 SERVICE = "metrics"
+#: Failures worth waiting out (the database or NATS briefly unreachable): never dead-lettered.
+TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
+    OperationalError,
+    InterfaceError,
+    TimeoutError,
+    ConnectionError,
+    nats.errors.ConnectionClosedError,
+    nats.errors.NoServersError,
+    nats.errors.TimeoutError,
+)
 MAX_RETRY_DELAY = 30.0
 
 
@@ -154,6 +170,11 @@ class MetricsProcessor:
                 with span(msg):
                     checked.append(check_canonical(msg.subject, msg.data))
             valid = [(msg, c) for msg, c in zip(msgs, checked, strict=True) if not isinstance(c, Poison)]
+            # Two replicas storing two events of one request at once would each recompute the facts without
+            # the other's event: one request's transactions take turns (PostgreSQL: advisory locks, taken in
+            # one order; SQLite: its write lock).
+            for request_id in sorted({c.event.request_id for _m, c in valid}):
+                await db.lock_request(session, request_id)
             rows = [db.event_values(c, m.data.decode("utf-8", "replace"), m.stream_sequence, now) for m, c in valid]
             stored = iter(await db.insert_events(session, rows))
             touched: dict[str, None] = {}  # request ids with a new event, in first-seen order
@@ -172,6 +193,8 @@ class MetricsProcessor:
                     letters.append(letter)
             await db.add_parties_many(session, new_parties)
             changed = await db.refresh_facts_many(session, list(touched))
+        for _m, c in valid:
+            failpoint(c.event.request_id)  # test-only
         for before, after in changed:
             await self.on_facts(before, after)
         if changed and self.on_batch is not None:
@@ -248,6 +271,7 @@ def build_router(
     fetch_timeout: float,
     retry_delay: float,
     tracer: trace.Tracer | None = None,
+    inbox_prefix: bytes = b"_INBOX.",  # the service's own (docs/security.md)
 ) -> NatsRouter:
     """Metrics' only subscription: the durable ``metrics`` consumer on ``BATON_EVENTS`` (provisioned by Baton).
 
@@ -275,6 +299,7 @@ def build_router(
         stream=JStream(STREAM_EVENTS, declare=False),
         durable=CONSUMER_METRICS,
         pull_sub=PullSub(batch_size=batch_size, timeout=fetch_timeout, batch=True),
+        inbox_prefix=inbox_prefix,
         ack_policy=AckPolicy.MANUAL,
         decoder=raw_batch,
         title="metrics:events",
@@ -303,10 +328,21 @@ def build_router(
                 with span_for(inbound):
                     await processor.process(inbound)
             except Exception as exc:
-                if inbound.num_delivered >= spec.max_deliver:
-                    log.exception("giving up on %s after %d deliveries", raw.subject[:128], inbound.num_delivered)
-                    await processor.dead_letter_poison(inbound, exc)
-                    await raw.term()
+                if 0 < spec.max_deliver <= inbound.num_delivered:
+                    try:  # a transient failure is waited out here: an outage never dead-letters
+                        await wait_out_transient(
+                            lambda: processor.process(inbound),  # noqa: B023 (awaited within this iteration)
+                            exc,
+                            TRANSIENT_ERRORS,
+                            heartbeat=raw.in_progress,
+                            base_delay=retry_delay,
+                        )
+                    except Exception as final:
+                        log.exception("giving up on %s after %d deliveries", raw.subject[:128], inbound.num_delivered)
+                        await processor.dead_letter_poison(inbound, final)
+                        await term_with_reason(raw, TERM_DEAD_LETTERED)
+                        continue
+                    await raw.ack()
                     continue
                 delay = backoff_delay(retry_delay, inbound.num_delivered)
                 log.exception("processing %s failed; redelivering in %.1fs", raw.subject[:128], delay)
@@ -338,3 +374,30 @@ def to_inbound(raw: Msg) -> Inbound:
         stream_sequence=meta.sequence.stream,
         num_delivered=meta.num_delivered,
     )
+
+
+# --- test-only fault injection (tests/faults) ----------------------------------------------------
+@functools.cache
+def _failpoint_spec() -> tuple[str, str]:
+    """``BATON_METRICS_FAILPOINT``, read once; unset (the default) everywhere but the fault tests."""
+    kind, _, arg = os.environ.get("BATON_METRICS_FAILPOINT", "").partition(":")
+    return kind, arg
+
+
+_failpoint_passes = itertools.count(1)
+
+
+def failpoint(request_id: str) -> None:
+    """Test-only (tests/faults), called right after the commit and before the publishes and the ack.
+
+    ``crash_after_commit:<n>``: every n-th pass exits the process at once (``os._exit(137)``, as
+    ``kill -9`` would); ``raise_for:<request_id>``: every delivery of that request's events fails
+    (a poison message). Does nothing when ``BATON_METRICS_FAILPOINT`` is unset.
+    """
+    kind, arg = _failpoint_spec()
+    if kind == "crash_after_commit" and next(_failpoint_passes) % max(int(arg), 1) == 0:
+        log.warning("failpoint crash_after_commit: exiting after the commit, before the ack")
+        logging.shutdown()
+        os._exit(137)
+    if kind == "raise_for" and request_id == arg:
+        raise RuntimeError(f"failpoint raise_for: poison request {request_id}")

@@ -68,11 +68,18 @@ class RebuildReport:
 
 
 async def read_log(
-    nats_url: str, processor: MetricsProcessor, report: RebuildReport, idle_timeout: float = 10.0
+    nats_url: str,
+    processor: MetricsProcessor,
+    report: RebuildReport,
+    idle_timeout: float = 10.0,
+    options: dict[str, Any] | None = None,
 ) -> None:
-    """Feed every message of the canonical log, in stream order, to ``processor``."""
+    """Feed every message of the canonical log, in stream order, to ``processor``.
+    ``options``: nats-py ``connect`` keywords (the metrics service's NATS login, TLS)."""
     servers = [s.strip() for s in nats_url.split(",") if s.strip()]
-    nc = await nats.connect(servers, name="baton-metrics-rebuild", connect_timeout=5, max_reconnect_attempts=5)
+    nc = await nats.connect(
+        servers, name="baton-metrics-rebuild", connect_timeout=5, max_reconnect_attempts=5, **(options or {})
+    )
     try:
         js = nc.jetstream()
         info = await js.stream_info(STREAM_EVENTS)
@@ -105,6 +112,7 @@ async def rebuild(
     scratch_url: str | None = None,
     replace: bool = False,
     idle_timeout: float = 10.0,
+    options: dict[str, Any] | None = None,
 ) -> RebuildReport:
     """Rebuild into ``scratch_url`` (a temporary SQLite file by default), compare with ``live_url``, maybe replace."""
     report = RebuildReport(through_stream_sequence=0)
@@ -123,7 +131,7 @@ async def rebuild(
                 report.refused[code] = report.refused.get(code, 0) + 1
 
             processor = MetricsProcessor(scratch, refuse)
-            await read_log(nats_url, processor, report, idle_timeout)
+            await read_log(nats_url, processor, report, idle_timeout, options)
             async with scratch.transaction() as s_session, live.transaction() as l_session:
                 report.differences = db.differences(await db.snapshot(l_session), await db.snapshot(s_session))
             if replace:

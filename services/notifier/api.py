@@ -142,13 +142,18 @@ def _webhook_out(row: db.WebhookRow, secret: str | None = None) -> WebhookOut:
 class FeedSource:
     """Ephemeral ordered consumers on ``BATON_NOTIFY``, one per open feed (nothing to clean up on the server)."""
 
-    def __init__(self, servers: list[str]) -> None:
+    def __init__(self, servers: list[str], options: dict[str, Any] | None = None) -> None:
         self.servers = servers
+        self.options = dict(options or {})  # the notifier's NATS login (it may create these consumers)
         self.nc: NATS | None = None
 
     async def start(self) -> None:
         self.nc = await nats.connect(
-            self.servers, name="baton-notifier-feed", max_reconnect_attempts=-1, reconnect_time_wait=1
+            self.servers,
+            name="baton-notifier-feed",
+            max_reconnect_attempts=-1,
+            reconnect_time_wait=1,
+            **self.options,
         )
 
     async def close(self) -> None:

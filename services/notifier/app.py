@@ -38,9 +38,13 @@ SERVICE_NAME = "baton-notifier"
 log = logging.getLogger("baton.notifier")
 
 
-async def require_consumer(servers: list[str], stream: str, durable: str) -> None:
+async def require_consumer(
+    servers: list[str], stream: str, durable: str, options: dict[str, Any] | None = None
+) -> None:
     """Fail fast, with the fix, when the durable consumer was not provisioned (services never create one)."""
-    nc = await nats.connect(servers, connect_timeout=5, max_reconnect_attempts=3, name=f"{SERVICE_NAME}-check")
+    nc = await nats.connect(
+        servers, connect_timeout=5, max_reconnect_attempts=3, name=f"{SERVICE_NAME}-check", **(options or {})
+    )
     try:
         await nc.jetstream().consumer_info(stream, durable)
     except NotFoundError as exc:
@@ -59,8 +63,10 @@ def create_app(
     servers = [s.strip() for s in settings.nats_url.split(",") if s.strip()]
     directory = Directory(catalog if catalog is not None else load_catalog(settings.catalog_path))
 
+    nats_options = settings.nats_options()  # this service's NATS login (docs/security.md)
     broker = NatsBroker(
         servers,
+        **settings.broker_options(),
         name=SERVICE_NAME,
         max_reconnect_attempts=-1,
         reconnect_time_wait=1,
@@ -93,7 +99,7 @@ def create_app(
     )
     digests = DigestWorker(database, publish, directory, interval=settings.digest_interval, on_deliveries=webhooks.wake)
     tokens = TokenRegistry(FilePath(settings.tokens_path) if settings.tokens_path else None)
-    feed = FeedSource(servers)
+    feed = FeedSource(servers, nats_options)
 
     processor = NotifierProcessor(
         database,
@@ -114,6 +120,7 @@ def create_app(
             batch_size=settings.fetch_batch,
             fetch_timeout=settings.fetch_timeout,
             retry_delay=settings.retry_delay,
+            inbox_prefix=settings.subscriber_inbox_prefix(),
             metrics=metrics,
             tracer=tracer,
         )
@@ -121,8 +128,8 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
-        await database.start()
-        await require_consumer(servers, STREAM_EVENTS, CONSUMER_NOTIFIER)
+        await database.start(migrate=settings.migrate_on_start)
+        await require_consumer(servers, STREAM_EVENTS, CONSUMER_NOTIFIER, nats_options)
         await broker.start()
         await feed.start()
         workers = [

@@ -4,8 +4,8 @@ department preferences, webhook subscriptions and webhook deliveries.
 SQLAlchemy 2 (async). SQLite is the embedded default, PostgreSQL the production database.
 Applying an event is one transaction: the projection moves, the event is recorded as
 processed, every notification it causes is written to the outbox, and every webhook delivery
-it causes is queued; publishing and delivering follow. Columns added after a table was first
-created are added at start (:func:`create_schema`), always nullable.
+it causes is queued; publishing and delivering follow. The schema is made and changed by the
+Alembic migrations in ``services/notifier/migrations`` (:func:`create_schema`).
 """
 
 from __future__ import annotations
@@ -28,7 +28,6 @@ from sqlalchemy import (
     delete,
     event,
     func,
-    inspect,
     or_,
     select,
     update,
@@ -36,9 +35,11 @@ from sqlalchemy import (
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
-from sqlalchemy.schema import CreateColumn
+
+from libs import migrations as schema
 
 from .domain import Delivery, Projection
+from .migrations import migrations
 from .webhooks import delivery_id, wants
 
 
@@ -232,24 +233,13 @@ def make_engine(url: str) -> AsyncEngine:
     return create_async_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5)
 
 
-def _add_missing_columns(conn: Any) -> None:
-    """Columns added to a model after its table was created (all nullable): ``ALTER TABLE ... ADD COLUMN``."""
-    inspector = inspect(conn)
-    existing_tables = set(inspector.get_table_names())
-    for table in Base.metadata.sorted_tables:
-        if table.name not in existing_tables:
-            continue
-        have = {c["name"] for c in inspector.get_columns(table.name)}
-        for column in table.columns:
-            if column.name not in have and column.nullable:
-                ddl = CreateColumn(column).compile(dialect=conn.dialect)
-                conn.exec_driver_sql(f'ALTER TABLE "{table.name}" ADD COLUMN {ddl}')
-
-
-async def create_schema(engine: AsyncEngine) -> None:
-    async with engine.begin() as conn:
-        await conn.run_sync(Base.metadata.create_all)
-        await conn.run_sync(_add_missing_columns)
+async def create_schema(engine: AsyncEngine, *, migrate: bool = True) -> None:
+    """Migrate the database to head (services/notifier/migrations), or with ``migrate=False`` only check
+    that it is there. Safe when several replicas start at once (libs.migrations locks the upgrade)."""
+    if migrate:
+        await schema.upgrade(engine, migrations())
+    else:
+        await schema.require_head(engine, migrations())
 
 
 class Database:
@@ -260,8 +250,8 @@ class Database:
         self.sessions = async_sessionmaker(self.engine, expire_on_commit=False)
         self.is_postgres = self.engine.dialect.name == "postgresql"
 
-    async def start(self) -> None:
-        await create_schema(self.engine)
+    async def start(self, *, migrate: bool = True) -> None:
+        await create_schema(self.engine, migrate=migrate)
 
     async def close(self) -> None:
         await self.engine.dispose()

@@ -24,7 +24,10 @@ notifications a department chose to receive in a digest (published by ``workers.
 from __future__ import annotations
 
 import base64
+import functools
+import itertools
 import logging
+import os
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
@@ -32,6 +35,7 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any, Protocol, cast
 
+import nats.errors
 import orjson
 from faststream.middlewares import AckPolicy
 from faststream.nats import JStream, NatsMessage, NatsRouter, PullSub
@@ -40,11 +44,12 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace
 from prometheus_client import CollectorRegistry, Counter
 from pydantic import ValidationError
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from libs.contracts import DeadLetter, LifecycleEvent, dumps, error_list, parse_event
 from libs.contracts import tracing as telemetry
+from libs.contracts.dlq import TERM_DEAD_LETTERED, term_with_reason, wait_out_transient
 from libs.contracts.notifications import FieldError
 from libs.contracts.publishing import Outgoing, PublishMany, dedupe, sequential_publish_many
 from libs.contracts.subjects import (
@@ -65,6 +70,16 @@ log = logging.getLogger("baton.notifier")
 default_tracer = trace.get_tracer("baton.notifier")
 
 SERVICE = "notifier"
+#: Failures worth waiting out (the database or NATS briefly unreachable): never dead-lettered.
+TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
+    OperationalError,
+    InterfaceError,
+    TimeoutError,
+    ConnectionError,
+    nats.errors.ConnectionClosedError,
+    nats.errors.NoServersError,
+    nats.errors.TimeoutError,
+)
 #: The provisioned consumer this service reads (its max_deliver decides the last delivery).
 CONSUMER_SPEC = next(c for c in SERVICE_CONSUMERS if c.stream == STREAM_EVENTS and c.durable == CONSUMER_NOTIFIER)
 
@@ -159,6 +174,7 @@ class _Decided:
     notification_ids: list[str] = field(default_factory=list)
     counted: list[tuple[str, str]] = field(default_factory=list)
     queued: int = 0
+    request_id: str | None = None  # of an event applied or found applied (its notifications are published)
 
 
 class _BatchCache:
@@ -277,6 +293,8 @@ class NotifierProcessor:
                 log.info("concurrent update on %s, retrying", msg.subject[:128])
         else:
             raise RuntimeError(f"{msg.subject[:128]}: too many concurrent updates")
+        if decided.request_id is not None:
+            failpoint(decided.request_id)  # test-only
         self._after_commit(decided)
         await self._publish_effects(decided.outgoing, decided.notification_ids)
         return decided.result
@@ -300,6 +318,9 @@ class NotifierProcessor:
                 with span(msg):
                     decisions.append(await self._decide(session, msg, cache))
             await cache.save(session)
+        for decided in decisions:
+            if decided.request_id is not None:
+                failpoint(decided.request_id)  # test-only
         outgoing: list[Outgoing] = []
         notification_ids: list[str] = []
         for decided in decisions:
@@ -335,6 +356,7 @@ class NotifierProcessor:
             [p.notification_id for p in step.pending],
             step.counted,
             step.queued,
+            request_id=event.request_id,
         )
 
     def _after_commit(self, decided: _Decided) -> None:
@@ -543,6 +565,7 @@ def build_router(
     retry_delay: float,
     metrics: NotifierMetrics | None = None,
     tracer: trace.Tracer | None = None,
+    inbox_prefix: bytes = b"_INBOX.",  # the service's own (docs/security.md)
 ) -> NatsRouter:
     """The notifier's only subscription: the durable ``notifier`` consumer on ``BATON_EVENTS`` (provisioned).
 
@@ -571,10 +594,7 @@ def build_router(
         return span
 
     async def settle(raw: Msg, result: Result) -> None:
-        if result.outcome is Outcome.WAITING:
-            await raw.nak(delay=result.retry_in)
-        else:
-            await raw.ack()
+        await _settle(raw, result)
         count(result.outcome.value)
 
     @router.subscriber(
@@ -582,6 +602,7 @@ def build_router(
         stream=JStream(STREAM_EVENTS, declare=False),
         durable=CONSUMER_NOTIFIER,
         pull_sub=PullSub(batch_size=batch_size, timeout=fetch_timeout, batch=True),
+        inbox_prefix=inbox_prefix,
         ack_policy=AckPolicy.MANUAL,
         decoder=raw_batch,
         title="notifier:events",
@@ -611,6 +632,20 @@ def build_router(
                     result = await processor.process(inbound)
             except Exception as exc:
                 if processor.is_last_delivery(inbound):
+                    try:  # a transient failure is waited out here: an outage never dead-letters
+                        result = await wait_out_transient(
+                            lambda: processor.process(inbound),  # noqa: B023 (awaited within this iteration)
+                            exc,
+                            TRANSIENT_ERRORS,
+                            heartbeat=raw.in_progress,
+                            base_delay=retry_delay,
+                        )
+                    except Exception as final:
+                        exc = final
+                    else:
+                        await _settle(raw, result)
+                        count(result.outcome.value)
+                        continue
                     log.exception("giving up on %s after %d deliveries", raw.subject[:128], inbound.num_delivered)
                     try:
                         await processor.dead_letter_poison(inbound, exc)
@@ -621,7 +656,7 @@ def build_router(
                             await later.nak(delay=retry_delay)
                         count("lost")
                         return
-                    await raw.term()
+                    await term_with_reason(raw, TERM_DEAD_LETTERED)
                     count("gave_up")
                     continue
                 log.exception("processing %s failed; redelivering in %.1fs", raw.subject[:128], retry_delay)
@@ -633,6 +668,14 @@ def build_router(
             await settle(raw, result)
 
     return router
+
+
+async def _settle(raw: Msg, result: Result) -> None:
+    """Ack once the effect is committed; a message waiting for an earlier one comes back later."""
+    if result.outcome is Outcome.WAITING:
+        await raw.nak(delay=result.retry_in)
+    else:
+        await raw.ack()
 
 
 async def raw_batch(msg: NatsMessage) -> list[bytes]:
@@ -649,3 +692,30 @@ def to_inbound(raw: Msg) -> Inbound:
         stream_sequence=meta.sequence.stream,
         num_delivered=meta.num_delivered,
     )
+
+
+# --- test-only fault injection (tests/faults) ----------------------------------------------------
+@functools.cache
+def _failpoint_spec() -> tuple[str, str]:
+    """``BATON_NOTIFIER_FAILPOINT``, read once; unset (the default) everywhere but the fault tests."""
+    kind, _, arg = os.environ.get("BATON_NOTIFIER_FAILPOINT", "").partition(":")
+    return kind, arg
+
+
+_failpoint_passes = itertools.count(1)
+
+
+def failpoint(request_id: str) -> None:
+    """Test-only (tests/faults), called right after the commit and before the publishes and the ack.
+
+    ``crash_after_commit:<n>``: every n-th pass exits the process at once (``os._exit(137)``, as
+    ``kill -9`` would); ``raise_for:<request_id>``: every delivery of that request's events fails
+    (a poison message). Does nothing when ``BATON_NOTIFIER_FAILPOINT`` is unset.
+    """
+    kind, arg = _failpoint_spec()
+    if kind == "crash_after_commit" and next(_failpoint_passes) % max(int(arg), 1) == 0:
+        log.warning("failpoint crash_after_commit: exiting after the commit, before the ack")
+        logging.shutdown()
+        os._exit(137)
+    if kind == "raise_for" and request_id == arg:
+        raise RuntimeError(f"failpoint raise_for: poison request {request_id}")

@@ -46,9 +46,13 @@ SERVICE_NAME = "baton-routing"
 log = logging.getLogger("baton.routing")
 
 
-async def require_consumer(servers: list[str], stream: str, durable: str) -> ConsumerConfig:
+async def require_consumer(
+    servers: list[str], stream: str, durable: str, options: dict[str, Any] | None = None
+) -> ConsumerConfig:
     """The provisioned consumer's config; fail fast, with the fix, when it is missing (services never create one)."""
-    nc = await nats.connect(servers, connect_timeout=5, max_reconnect_attempts=3, name=f"{SERVICE_NAME}-check")
+    nc = await nats.connect(
+        servers, connect_timeout=5, max_reconnect_attempts=3, name=f"{SERVICE_NAME}-check", **(options or {})
+    )
     try:
         config: ConsumerConfig = (await nc.jetstream().consumer_info(stream, durable)).config
         return config
@@ -79,8 +83,10 @@ def create_app(
     )
     servers = [s.strip() for s in settings.nats_url.split(",") if s.strip()]
 
+    nats_options = settings.nats_options()  # this service's NATS login (docs/security.md)
     broker = NatsBroker(
         servers,
+        **settings.broker_options(),
         name=SERVICE_NAME,
         max_reconnect_attempts=-1,
         reconnect_time_wait=1,
@@ -145,6 +151,7 @@ def create_app(
             batch_size=settings.fetch_batch,
             fetch_timeout=settings.fetch_timeout,
             retry_delay=settings.retry_delay,
+            inbox_prefix=settings.subscriber_inbox_prefix(),
             metrics=metrics,
             tracer=tracer,
             limit=limit,
@@ -184,9 +191,9 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
-        await database.start()
-        consumer = await require_consumer(servers, STREAM_EVENTS, CONSUMER_ROUTING)
-        await require_consumer(servers, STREAM_TIMERS, CONSUMER_ROUTING_TIMERS)
+        await database.start(migrate=settings.migrate_on_start)
+        consumer = await require_consumer(servers, STREAM_EVENTS, CONSUMER_ROUTING, nats_options)
+        await require_consumer(servers, STREAM_TIMERS, CONSUMER_ROUTING_TIMERS, nats_options)
         if consumer.max_deliver is not None:
             limit.max_deliver = consumer.max_deliver
         await broker.start()

@@ -24,9 +24,11 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+from libs import migrations as schema
 from libs.contracts import Envelope, Priority, dumps
 from libs.contracts.events import DelayReasonCode, SlaClock
 
+from .migrations import migrations
 from .tracking import Clock, Decline, Phase, TimerKind, TimerSpec, Track, Wait
 
 
@@ -197,9 +199,13 @@ class Database:
         self.is_sqlite = self.engine.dialect.name == "sqlite"
         self._lock = asyncio.Lock() if self.is_sqlite else None
 
-    async def start(self) -> None:
-        async with self.engine.begin() as conn:
-            await conn.run_sync(Base.metadata.create_all)
+    async def start(self, *, migrate: bool = True) -> None:
+        """Migrate the database to head (services/routing/migrations), or with ``migrate=False`` only
+        check that it is there. Safe when several replicas start at once (libs.migrations locks it)."""
+        if migrate:
+            await schema.upgrade(self.engine, migrations())
+        else:
+            await schema.require_head(self.engine, migrations())
 
     async def close(self) -> None:
         await self.engine.dispose()

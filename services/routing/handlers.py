@@ -33,7 +33,10 @@ Delivery rules (nothing lost, nothing twice):
 from __future__ import annotations
 
 import base64
+import functools
+import itertools
 import logging
+import os
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
@@ -41,6 +44,7 @@ from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Annotated, Any, Protocol, cast
 
+import nats.errors
 import orjson
 from faststream.middlewares import AckPolicy
 from faststream.nats import JStream, NatsMessage, NatsRouter, PullSub
@@ -49,7 +53,7 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace
 from prometheus_client import CollectorRegistry, Counter
 from pydantic import Field, ValidationError
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from libs.contracts import (
@@ -64,6 +68,7 @@ from libs.contracts import (
     parse_event,
 )
 from libs.contracts import tracing as telemetry
+from libs.contracts.dlq import TERM_DEAD_LETTERED, term_with_reason, wait_out_transient
 from libs.contracts.envelope import ID_RE, RequestId, Slug, StrictModel, Timestamp
 from libs.contracts.events import SlaClock
 from libs.contracts.notifications import FieldError
@@ -94,10 +99,22 @@ log = logging.getLogger("baton.routing")
 default_tracer = trace.get_tracer("baton.routing")
 
 SERVICE = "routing"
+#: Failures worth waiting out (the database or NATS briefly unreachable): never dead-lettered.
+TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
+    OperationalError,
+    InterfaceError,
+    TimeoutError,
+    ConnectionError,
+    nats.errors.ConnectionClosedError,
+    nats.errors.NoServersError,
+    nats.errors.TimeoutError,
+)
 ROUTED_SUBJECT = service_subject(SERVICE, "routed")
 #: Where each event type routing emits goes (all through intake).
 EMIT_SUBJECTS = {t: service_subject(SERVICE, t) for t, owner in SERVICE_TYPES.items() if owner == SERVICE}
 MAX_RETRY_DELAY = 30.0
+#: Longest wait of an event that arrived before an earlier one of its request (it fills within seconds).
+MAX_GAP_DELAY = 5.0
 #: Due-timer messages expire after this (``Nats-Schedule-TTL``); the reconciler re-arms any timer
 #: that was never acted on, so a routing outage longer than this loses nothing.
 DUE_TTL = "168h"
@@ -138,6 +155,11 @@ class TimerHandling(StrEnum):
 
 class SequenceGap(RuntimeError):
     """An event arrived before an earlier event of the same request: retried until the gap fills."""
+
+
+#: Deliveries of a later event of a request routing has no record of before it is ignored as a request
+#: older than routing's database: until then its ``created`` may still be in flight at another replica.
+UNKNOWN_REQUEST_DELIVERIES = 5
 
 
 @dataclass(frozen=True)
@@ -334,12 +356,15 @@ class RoutingProcessor:
         if msg.subject != expected:
             letter = self._letter(msg, "subject_mismatch", f"event belongs on {expected}, not {msg.subject[:256]}", [])
             return _Decided(Outcome.DEAD_LETTERED, context, letter=letter)
-        rows, outcome = await self._record_in(session, event, msg.stream_sequence, cache)
+        rows, outcome = await self._record_in(session, event, msg.stream_sequence, cache, msg.num_delivered)
         return _Decided(outcome, context, rows=list(rows), request_id=event.request_id)
 
     async def _after_commit(self, decisions: Sequence[_Decided]) -> None:
         """Publish what the committed decisions emit (on a crash here, redelivery finds the rows and publishes
         them again), count the new ones, then schedule the timers of the requests they touched."""
+        for d in decisions:
+            if d.request_id is not None:
+                failpoint(d.request_id)  # test-only
         outgoing: list[Outgoing] = []
         new_rows: list[db.OutboxRow] = []
         touched: dict[str, otel_context.Context] = {}
@@ -358,7 +383,12 @@ class RoutingProcessor:
         await self.arm_requests(touched)
 
     async def _record_in(
-        self, session: AsyncSession, event: LifecycleEvent, stream_seq: int, cache: _TrackCache | None = None
+        self,
+        session: AsyncSession,
+        event: LifecycleEvent,
+        stream_seq: int,
+        cache: _TrackCache | None = None,
+        num_delivered: int = UNKNOWN_REQUEST_DELIVERIES,
     ) -> tuple[Sequence[db.OutboxRow], Outcome]:
         """Record one event in the caller's transaction: the rows to publish and the outcome. With ``cache`` (a
         batch), the processed ids and the tracks were read once for the whole batch; rows are flushed at commit."""
@@ -375,6 +405,9 @@ class RoutingProcessor:
         ctx = self._context()
         if track is None:
             if not isinstance(event, Created):
+                if num_delivered < UNKNOWN_REQUEST_DELIVERIES:
+                    # Its created may be in the hands of another routing replica right now.
+                    raise SequenceGap(f"{event.request_id}: event {event.sequence} before its created was applied")
                 return [], Outcome.IGNORED  # a request routing never saw created (older than its database)
             track, emits = start(event, ctx)
             outcome = Outcome.ROUTED
@@ -703,6 +736,7 @@ def build_router(
     metrics: RoutingMetrics | None = None,
     tracer: trace.Tracer | None = None,
     limit: DeliveryLimit | None = None,
+    inbox_prefix: bytes = b"_INBOX.",  # the service's own (docs/security.md)
 ) -> NatsRouter:
     """Routing's subscriptions: ``routing`` on ``BATON_EVENTS`` and ``routing-timers`` on ``BATON_TIMERS``.
 
@@ -736,6 +770,7 @@ def build_router(
         stream=JStream(STREAM_EVENTS, declare=False),
         durable=CONSUMER_ROUTING,
         pull_sub=PullSub(batch_size=batch_size, timeout=fetch_timeout, batch=True),
+        inbox_prefix=inbox_prefix,
         ack_policy=AckPolicy.MANUAL,
         decoder=raw_batch,
         title="routing:events",
@@ -768,24 +803,45 @@ def build_router(
                     outcome = await processor.process(inbound)
             except Exception as exc:
                 if limit.is_last(inbound.num_delivered):
+                    try:  # a transient failure is waited out here: an outage never dead-letters
+                        outcome = await wait_out_transient(
+                            lambda: processor.process(inbound),  # noqa: B023 (awaited within this iteration)
+                            exc,
+                            TRANSIENT_ERRORS,
+                            heartbeat=raw.in_progress,
+                            base_delay=retry_delay,
+                        )
+                    except Exception as final:
+                        exc = final
+                    else:
+                        await raw.ack()
+                        count(outcome.value)
+                        continue
                     log.exception("giving up on %s after %d deliveries", raw.subject[:128], inbound.num_delivered)
                     try:
                         await processor.dead_letter_poison(inbound, exc)
                     except Exception:
-                        # Nothing more can be done for this one (no delivery left): it stays unacked, logged here.
+                        # No delivery left: it stays unacked; JetStream's max-deliveries advisory then
+                        # dead-letters it (intake's advisory consumer, docs/reliability.md).
                         log.exception("dead-lettering %s failed; the message is lost", raw.subject[:128])
                         for later in raws[index + 1 :]:
                             await later.nak(delay=retry_delay)
                         count("lost")
                         return
-                    await raw.term()
+                    await term_with_reason(raw, TERM_DEAD_LETTERED)
                     count("gave_up")
                     continue
-                delay = backoff_delay(retry_delay, inbound.num_delivered)
                 if isinstance(exc, SequenceGap):
+                    # Only this event waits for the earlier one of its request. Naking the rest of the batch too
+                    # made them overtake each other on redelivery and wait in turn, with growing delays (a convoy
+                    # that took minutes after a 10 s database outage: tests/faults, docs/faults.md).
+                    delay = backoff_delay(retry_delay, inbound.num_delivered, cap=MAX_GAP_DELAY)
                     log.info("%s; redelivering in %.1fs", exc, delay)
-                else:
-                    log.exception("processing %s failed; redelivering in %.1fs", raw.subject[:128], delay)
+                    await raw.nak(delay=delay)
+                    count("retried")
+                    continue
+                delay = backoff_delay(retry_delay, inbound.num_delivered)
+                log.exception("processing %s failed; redelivering in %.1fs", raw.subject[:128], delay)
                 # Keep the order: this message and everything after it in the batch come back later.
                 for later in raws[index:]:
                     await later.nak(delay=delay)
@@ -803,6 +859,7 @@ def build_router(
         stream=JStream(STREAM_TIMERS, declare=False),
         durable=CONSUMER_ROUTING_TIMERS,
         pull_sub=PullSub(batch_size=batch_size, timeout=fetch_timeout, batch=True),
+        inbox_prefix=inbox_prefix,
         ack_policy=AckPolicy.MANUAL,
         decoder=raw_batch,
         title="routing:timers",
@@ -832,7 +889,7 @@ def build_router(
             if result.handling is TimerHandling.RETRY:
                 await raw.nak(delay=result.delay)
             elif result.handling is TimerHandling.DEAD_LETTERED:
-                await raw.term()
+                await term_with_reason(raw, TERM_DEAD_LETTERED)
             else:
                 await raw.ack()
             count_timer(kind, result.outcome)
@@ -871,3 +928,30 @@ def to_inbound(raw: Msg) -> Inbound:
         stream_sequence=meta.sequence.stream,
         num_delivered=meta.num_delivered,
     )
+
+
+# --- test-only fault injection (tests/faults) ----------------------------------------------------
+@functools.cache
+def _failpoint_spec() -> tuple[str, str]:
+    """``BATON_ROUTING_FAILPOINT``, read once; unset (the default) everywhere but the fault tests."""
+    kind, _, arg = os.environ.get("BATON_ROUTING_FAILPOINT", "").partition(":")
+    return kind, arg
+
+
+_failpoint_passes = itertools.count(1)
+
+
+def failpoint(request_id: str) -> None:
+    """Test-only (tests/faults), called right after the commit and before the publishes and the ack.
+
+    ``crash_after_commit:<n>``: every n-th pass exits the process at once (``os._exit(137)``, as
+    ``kill -9`` would); ``raise_for:<request_id>``: every delivery of that request's events fails
+    (a poison message). Does nothing when ``BATON_ROUTING_FAILPOINT`` is unset.
+    """
+    kind, arg = _failpoint_spec()
+    if kind == "crash_after_commit" and next(_failpoint_passes) % max(int(arg), 1) == 0:
+        log.warning("failpoint crash_after_commit: exiting after the commit, before the ack")
+        logging.shutdown()
+        os._exit(137)
+    if kind == "raise_for" and request_id == arg:
+        raise RuntimeError(f"failpoint raise_for: poison request {request_id}")

@@ -3,14 +3,23 @@
 from __future__ import annotations
 
 from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import SettingsConfigDict
+
+from libs.contracts import natsauth
 
 
-class RoutingSettings(BaseSettings):
+class RoutingSettings(natsauth.NatsClientSettings):
+    """NATS login and TLS, HTTPS: the fields of :class:`NatsClientSettings` (docs/security.md)."""
+
     model_config = SettingsConfigDict(env_prefix="BATON_ROUTING_", extra="ignore")
 
     nats_url: str = Field(default="nats://127.0.0.1:14222", description="Comma-separated NATS server URLs.")
     database_url: str = "sqlite+aiosqlite:///.baton/data/routing.db"
+    migrate_on_start: bool = Field(
+        default=True,
+        description="Migrate the database to head at start (embedded default). False in production, where "
+        "`baton migrate` runs once before the replicas start and they only check the database is at head.",
+    )
     catalog_path: str = Field(default="deploy/catalog.yaml", description="The department catalog (YAML).")
     http_host: str = "127.0.0.1"
     http_port: int = 8102

@@ -81,7 +81,13 @@ async def running(tmp_path_factory: pytest.TempPathFactory, catalog_path: Path) 
         operator = token_from_file(stack.data_dir / "tokens.txt", None)
         assert operator, "baton up writes an operator token to <data_dir>/tokens.txt"
         url = stack.services["metrics"].url
-        demo = Demo(stack.nats_url, interval=0.3, speed=8.0, seed=3)
+        demo = Demo(
+            stack.nats_url,
+            interval=0.3,
+            speed=8.0,
+            seed=3,
+            options=lambda dept: stack.client_options("department", dept) if dept else stack.client_options(),
+        )
         demo_task = asyncio.create_task(demo.run(requests=14))
 
         async def enough() -> bool:

@@ -132,11 +132,12 @@ async def test_last_delivery_failure_is_dead_lettered_and_terminated(harness: Ha
     failing = AsyncMock(side_effect=RuntimeError("database is down"))
     with (
         patch.object(harness.app.state.processor, "process", failing),
-        patch.object(PatchedMessage, "term", autospec=True) as term,
+        patch("services.metrics.handlers.term_with_reason", new_callable=AsyncMock) as term,
         patch.object(PatchedMessage, "nak", autospec=True) as nak,
     ):
         await harness.deliver(*subject_and_body(lifecycle(RID)[0]), delivered=METRICS_CONSUMER.max_deliver)
-    assert (len(calls_on_events(term)), len(calls_on_events(nak))) == (1, 0)
+    # Terminated with the reason (``+TERM dead-lettered by the service``), never nak'd.
+    assert (term.await_count, len(calls_on_events(nak))) == (1, 0)
     [letter] = harness.dlq
     assert letter.code == "processing_failed"
     assert "database is down" in letter.message

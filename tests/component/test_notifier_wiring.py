@@ -69,9 +69,14 @@ def settlements(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str, float |
     async def term(self: PatchedMessage) -> None:
         record(self, "term")
 
+    async def term_with_reason(msg: PatchedMessage, reason: str = "") -> None:
+        record(msg, "term")
+
     monkeypatch.setattr(PatchedMessage, "ack", ack)
     monkeypatch.setattr(PatchedMessage, "nak", nak)
     monkeypatch.setattr(PatchedMessage, "term", term)
+    # Services terminate with a reason (``+TERM <reason>``, written on the raw message's connection).
+    monkeypatch.setattr("services.notifier.handlers.term_with_reason", term_with_reason)
     return seen
 
 
@@ -182,7 +187,7 @@ async def test_a_failing_publish_naks_and_the_last_delivery_is_dead_lettered_the
 
     async def no_notify_stream(subject: str, body: bytes, *, msg_id: str, stream: str) -> None:
         if stream == STREAM_NOTIFY:
-            raise TimeoutError("no PubAck")
+            raise RuntimeError("notification refused")  # not transient (a lost PubAck is waited out)
         await real_publish(subject, body, msg_id=msg_id, stream=stream)
 
     processor.publish = no_notify_stream
@@ -195,7 +200,7 @@ async def test_a_failing_publish_naks_and_the_last_delivery_is_dead_lettered_the
     assert settlements == [(subject, "nak", 3.0), (subject, "term", None)]
     (letter,) = outbox
     assert letter.subject == "baton.dlq.notifier.processing_failed"
-    assert "no PubAck" in DeadLetter.model_validate_json(letter.body).message
+    assert "notification refused" in DeadLetter.model_validate_json(letter.body).message
 
 
 async def test_http_endpoints(app: FastAPI) -> None:

@@ -49,7 +49,7 @@ async def stack(tmp_path_factory: pytest.TempPathFactory, catalog_path: Path) ->
 
 @pytest.fixture
 async def nc(stack: Stack) -> AsyncIterator[NATS]:
-    conn = await nats.connect(stack.nats_url)
+    conn = await nats.connect(stack.nats_url, **stack.client_options())  # the operator (admin) login
     yield conn
     await conn.close()
 
@@ -231,7 +231,7 @@ async def test_second_baton_up_resumes_with_the_data_intact(tmp_path: Path, cata
     first = Stack(config)
     await first.start()
     try:
-        conn = await nats.connect(first.nats_url)
+        conn = await nats.connect(first.nats_url, **first.client_options())
         created = envelope("created", rid, "legal", "Grace") | {
             "title": "Badge for external counsel",
             "category": "badge",
@@ -249,7 +249,7 @@ async def test_second_baton_up_resumes_with_the_data_intact(tmp_path: Path, cata
     second = Stack(config)
     await second.start()
     try:
-        conn = await nats.connect(second.nats_url)
+        conn = await nats.connect(second.nats_url, **second.client_options())
         eta = datetime.now(UTC) + timedelta(hours=4)
         accepted = envelope("accepted", rid, "facilities", "Luis") | {"assignee": "Luis", "eta": eta.isoformat()}
         await publish(conn, "facilities", accepted)
@@ -263,12 +263,19 @@ async def test_second_baton_up_resumes_with_the_data_intact(tmp_path: Path, cata
 
 
 async def test_the_contract_doc_example_runs(stack: Stack, nc: NATS, tmp_path: Path) -> None:
-    """docs/contract.md promises a copy-paste nats-py example: run it, verbatim but for the URL."""
+    """docs/contract.md promises a copy-paste nats-py example: run it, verbatim but for the URL and the
+    credentials directory (each department connects as itself)."""
     doc = (Path(__file__).parents[2] / "docs" / "contract.md").read_text()
     code = doc.split("```python\n", 1)[1].split("```", 1)[0]
     assert 'NATS_URL = "nats://127.0.0.1:14222"' in code
     script = tmp_path / "example.py"
-    script.write_text(code.replace("nats://127.0.0.1:14222", stack.nats_url))
+    assert 'CREDENTIALS = Path(".baton/nats/creds/departments")' in code
+    departments = stack.credentials("department", "it").parent
+    script.write_text(
+        code.replace("nats://127.0.0.1:14222", stack.nats_url).replace(
+            ".baton/nats/creds/departments", str(departments)
+        )
+    )
     proc = await asyncio.create_subprocess_exec(
         sys.executable, str(script), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
     )

@@ -105,9 +105,9 @@ class Paths:
         real_batch = processor.process_batch
         real_single = processor.process
 
-        async def process_batch(msgs: Sequence[Any], span: Callable[..., Any]) -> Any:
+        async def process_batch(msgs: Sequence[Any], span: Callable[..., Any], **options: Any) -> Any:
             try:
-                results = await real_batch(msgs, span)
+                results = await real_batch(msgs, span, **options)
             except BaseException:
                 self.batches.append((len(msgs), False))
                 raise

@@ -194,7 +194,7 @@ async def test_a_transient_failure_does_not_let_a_later_event_overtake(
 
     from services.intake import handlers
 
-    real_decide = handlers.decide  # inside the transaction, on the batch path and the one-at-a-time path alike
+    real_decide = handlers.decide  # type: ignore[attr-defined]  # in the transaction, on both paths
     failures = [OperationalError("UPDATE requests", {}, Exception("database is locked"))] * 2
 
     def hiccup(current: Any, event: Any) -> Any:

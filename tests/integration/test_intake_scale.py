@@ -2,8 +2,10 @@
 
 * 1,000 events each published twice (once past the stream's duplicate window, as a retry after
   20 minutes would be) leave exactly 1,000 canonical events;
-* two intake *processes* on the same durable consumer and the same database, fed conflicting
-  events for the same requests at the same time, never both apply a conflicting pair.
+* two intake *processes* on the same durable consumer and the same database (one consuming, the
+  other on standby, the consumer lease: services/intake/lease.py), fed conflicting events for the
+  same requests back to back, never both apply a conflicting pair, and the event published first
+  always wins, also across a handover (the consuming process stops mid-burst).
 
 Timings are printed (``pytest -s``) so the numbers in reports say where they came from.
 """
@@ -44,6 +46,7 @@ from libs.contracts.subjects import (
     service_subject,
 )
 from services.intake.app import create_app
+from services.intake.lease import current_holder
 from services.intake.settings import IntakeSettings
 
 pytestmark = pytest.mark.integration
@@ -315,7 +318,7 @@ REQUESTS = 120
 
 
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
-async def test_two_intake_processes_never_both_apply_conflicting_events(
+async def test_two_intake_processes_apply_conflicting_events_in_publish_order(
     backend: str, provisioned_nats: str, make_database_url: MakeDatabaseUrl, nc: NATS, tmp_path: Path
 ) -> None:
     if backend == "postgresql":
@@ -325,9 +328,9 @@ async def test_two_intake_processes_never_both_apply_conflicting_events(
     else:
         database_url = f"sqlite+aiosqlite:///{tmp_path / 'intake_twins.db'}"
 
-    # Small batches, so that the two processes share the stream message by message. The second starts
-    # once the first is ready: two replicas creating the schema of an empty database at the same
-    # moment is a separate bug (test_replicas_can_create_the_schema_at_the_same_time below).
+    # Small batches, so that a batch boundary falls inside a request's events. The second starts once the
+    # first is ready: two replicas creating the schema of an empty database at the same moment is a separate
+    # bug (test_replicas_can_create_the_schema_at_the_same_time below).
     processes: list[IntakeProcess] = []
     try:
         for n in (1, 2):
@@ -335,21 +338,21 @@ async def test_two_intake_processes_never_both_apply_conflicting_events(
                 await start_intake(provisioned_nats, database_url, tmp_path / f"intake-{n}.log", fetch_batch=4)
             )
             await wait_ready(processes)
+        holder_id = await current_holder(nc)
+        holder = next(p for p in processes if f"acquired by {holder_id}" in p.log_text())
         rids = [new_rid("TWIN") for _ in range(REQUESTS)]
-        # created, then routed, each wave drained first: two replicas on one consumer keep no order
-        # between them, so a routed could otherwise overtake its created
-        setup: list[dict[str, Any]] = []
-        for wave in ([created(rid) for rid in rids], [routed(rid) for rid in rids]):
-            await publish_all(nc, [(subject_of(e), orjson.dumps(e), e["event_id"]) for e in wave])
-            setup += wave
-            await wait_until_drained(nc, len(setup), within=120)
-        assert await stream_count(nc, STREAM_EVENTS, "baton.events.>") == 2 * REQUESTS
-
         conflicts = {rid: conflicts_for(rid, i) for i, rid in enumerate(rids)}
-        # each request's conflicting events back to back: consecutive messages go to different processes
+        # Everything at once: created, routed, then each request's conflicting events back to back. Only the
+        # lease holder consumes, in stream order, so each routed follows its created and each conflict is won
+        # by the event published first.
+        setup = [created(rid) for rid in rids] + [routed(rid) for rid in rids]
         burst = [e for rid in rids for e in conflicts[rid].events]
         started = time.monotonic()
-        await publish_all(nc, [(subject_of(e), orjson.dumps(e), e["event_id"]) for e in burst])
+        await publish_all(nc, [(subject_of(e), orjson.dumps(e), e["event_id"]) for e in setup + burst])
+        # Mid-burst, the holder stops (SIGTERM): it settles its batch and releases the lease; the other takes over.
+        while await stream_count(nc, STREAM_EVENTS, "baton.events.>") < 2 * REQUESTS + REQUESTS // 4:
+            await asyncio.sleep(0.02)
+        await stop_intake([holder])
         await wait_until_drained(nc, len(setup) + len(burst), within=120)
         elapsed = time.monotonic() - started
     finally:
@@ -373,6 +376,8 @@ async def test_two_intake_processes_never_both_apply_conflicting_events(
         contenders = {e["event_id"] for e in conflicts[rid].events}
         applied = [e for e in events if e["event_id"] in contenders]
         assert len(applied) == 1, f"{rid} ({conflicts[rid].name}): applied {[e['type'] for e in applied]}"
+        # Publish order is the order applied: the event published first wins.
+        assert applied[0]["event_id"] == conflicts[rid].events[0]["event_id"], f"{rid}: a later event won"
         for loser in contenders - {applied[0]["event_id"]}:
             assert loser in refused, f"{rid}: {loser} neither applied nor refused"
             assert refused[loser]["request_id"] == rid
@@ -389,7 +394,7 @@ async def test_two_intake_processes_never_both_apply_conflicting_events(
     logs = [p.log_text() for p in processes]
     handled = [t.count("refused ") for t in logs]  # intake logs every refusal ("refused <subject> (<code>)")
     retries = sum(t.count("concurrent update on") for t in logs)
-    assert all(handled), f"both processes must have taken part: refusals per process {handled}"
+    assert all(handled), f"both processes must have taken part (a handover): refusals per process {handled}"
     print(
         f"\n[{backend}] {len(burst)} conflicting events for {REQUESTS} requests through 2 intake processes in "
         f"{elapsed:.2f}s: {REQUESTS} applied, {losers} refused {dict(codes)}; refusals per process {handled}; "

@@ -55,7 +55,14 @@ async def test_streams_have_their_spec(nc: NATS) -> None:
         assert config.storage == StorageType.FILE
         assert config.num_replicas == 1
         assert config.allow_msg_schedules is (True if spec.allow_msg_schedules else None)
-    assert {s.name for s in STREAMS} == {"BATON_IN", "BATON_EVENTS", "BATON_NOTIFY", "BATON_DLQ", "BATON_TIMERS"}
+    assert {s.name for s in STREAMS} == {
+        "BATON_IN",
+        "BATON_EVENTS",
+        "BATON_NOTIFY",
+        "BATON_DLQ",
+        "BATON_TIMERS",
+        "BATON_ADVISORIES",
+    }
     inbound = (await jsm.stream_info(STREAM_IN)).config
     assert inbound.duplicate_window is not None
     assert inbound.duplicate_window >= 600
@@ -88,13 +95,13 @@ async def test_provision_twice_changes_nothing(provisioned_nats: str, catalog: C
     assert not report.changed
     assert report.created == []
     assert report.updated == []
-    assert len(report.unchanged) == len(STREAMS) + len(consumer_specs(catalog))
+    assert len(report.unchanged) == len(STREAMS) + len(consumer_specs(catalog)) + 1  # + the lease bucket
     assert report.unknown_consumers == []
 
 
 async def test_first_run_reports_creations(nats_server: NatsServer, catalog: Catalog) -> None:
     report = await provision(nats_server.url, catalog, dry_run=True)
-    assert len(report.created) == len(STREAMS) + len(consumer_specs(catalog))
+    assert len(report.created) == len(STREAMS) + len(consumer_specs(catalog)) + 1  # + the lease bucket
     async with await nats.connect(nats_server.url) as client:  # a dry run changes nothing
         assert await client.jsm().streams_info() == []
         report = await provision(client, catalog)

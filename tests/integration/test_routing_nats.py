@@ -228,7 +228,8 @@ async def test_a_message_failing_every_delivery_is_dead_lettered_on_the_last(
 
     async def broken_publish(subject: str, body: bytes, *, msg_id: str, stream: str) -> None:
         if subject == ROUTED_SUBJECT:
-            raise TimeoutError("no PubAck (injected, every time)")
+            # Not transient (a TimeoutError would be waited out on the last delivery, never dead-lettered).
+            raise RuntimeError("publish refused (injected, every time)")
         await real_publish(subject, body, msg_id=msg_id, stream=stream)
 
     processor.publish = broken_publish
@@ -250,7 +251,7 @@ async def test_a_message_failing_every_delivery_is_dead_lettered_on_the_last(
     assert dead[0] == "baton.dlq.routing.processing_failed"
     letter = DeadLetter.model_validate_json(dead[1])
     assert letter.event_id == doc["event_id"]
-    assert "no PubAck" in letter.message
+    assert "publish refused" in letter.message
     assert await stream_messages(nc, STREAM_IN) == []
 
 

@@ -220,8 +220,10 @@ def test_compose_runs_two_replicas_of_every_service_with_their_own_settings(name
             path = getattr(settings, field, None)
             if path is not None:
                 assert host_path(svc, str(path)).is_file(), f"{sname}: {field} {path}"
-        # starts only after provisioning and PostgreSQL
+        # starts only after provisioning, migrations and PostgreSQL; does not migrate itself
         assert svc["depends_on"]["provision"]["condition"] == "service_completed_successfully"
+        assert svc["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
+        assert settings.migrate_on_start is False
         assert svc["depends_on"]["postgres"]["condition"] == "service_healthy"
         assert env["OTEL_SERVICE_NAME"] == f"baton-{service}"
     assert {s: len(r) for s, r in replicas.items()} == dict.fromkeys(SERVICES, 2)
@@ -286,6 +288,25 @@ def test_compose_nats_and_provisioning(name: str, nodes: int, replicas: int) -> 
     for svc in services.values():
         if (service := baton_service(svc)) is not None:
             assert svc["environment"][f"BATON_{service.upper()}_NATS_URL"] == opts["--nats-url"]
+
+
+@pytest.mark.parametrize("name", list(STACKS))
+def test_compose_migration_job_migrates_the_databases_the_replicas_use(name: str) -> None:
+    services = stack(name)
+    job = services["migrate"]
+    assert job["command"] == ["baton", "migrate"]
+    assert job["image"] == "baton:latest"
+    assert job["depends_on"]["postgres"]["condition"] == "service_healthy"
+    assert job["restart"] == "on-failure"
+    env = {k: str(v) for k, v in job["environment"].items()}
+    for service in SERVICES:
+        prefix = f"BATON_{service.upper()}_"
+        own = {k: v for k, v in env.items() if k.startswith(prefix)}
+        settings: Any = check_service_env(service, own, f"compose {name} migrate")
+        for svc in services.values():
+            if baton_service(svc) == service:
+                assert svc["environment"][f"{prefix}DATABASE_URL"] == settings.database_url
+    assert set(env) == {f"BATON_{s.upper()}_DATABASE_URL" for s in SERVICES}
 
 
 def test_compose_postgres_has_one_database_per_service() -> None:
@@ -495,6 +516,7 @@ def test_k8s_deployments_for_every_service() -> None:
         settings: Any = check_service_env(service, env, f"k8s {name}")
         assert settings.http_host == "0.0.0.0"
         assert settings.database_url.startswith("postgresql+asyncpg://")
+        assert settings.migrate_on_start is False, "the baton-migrate Job migrates, replicas only check"
         assert env["OTEL_SERVICE_NAME"] == name
         ports = {p["name"]: p["containerPort"] for p in container["ports"]}
         assert ports == {"http": settings.http_port}
@@ -527,7 +549,7 @@ def test_k8s_deployments_for_every_service() -> None:
 
 def test_k8s_provisioning_job_uses_the_cluster_at_three_replicas() -> None:
     objects = kustomize_objects(BASE)
-    (job,) = [o for o in objects if o["kind"] == "Job"]
+    (job,) = [o for o in objects if o["kind"] == "Job" and o["metadata"]["name"] == "baton-provision"]
     pod = job["spec"]["template"]["spec"]
     assert pod["restartPolicy"] in ("OnFailure", "Never")
     (container,) = pod["containers"]
@@ -547,6 +569,26 @@ def test_k8s_provisioning_job_uses_the_cluster_at_three_replicas() -> None:
         if var["name"].endswith("_NATS_URL")
     }
     assert service_urls == {opts["--nats-url"]}
+
+
+def test_k8s_migration_job_migrates_the_databases_the_deployments_use() -> None:
+    objects = kustomize_objects(BASE)
+    assert sorted(o["metadata"]["name"] for o in objects if o["kind"] == "Job") == ["baton-migrate", "baton-provision"]
+    (job,) = [o for o in objects if o["kind"] == "Job" and o["metadata"]["name"] == "baton-migrate"]
+    pod = job["spec"]["template"]["spec"]
+    assert pod["restartPolicy"] in ("OnFailure", "Never")
+    (container,) = pod["containers"]
+    assert container["command"] == ["baton", "migrate"]
+    check_volumes(pod, container, "baton-migrate")
+    job_env = {v["name"]: v for v in container["env"]}
+    assert set(job_env) == {f"BATON_{s.upper()}_DATABASE_URL" for s in SERVICES}
+    pod_env(container, example_secrets(), "baton-migrate")  # every secret it names is defined
+    for service in SERVICES:
+        (dep,) = [o for o in objects if o["kind"] == "Deployment" and o["metadata"]["name"] == f"baton-{service}"]
+        (dep_container,) = dep["spec"]["template"]["spec"]["containers"]
+        var = f"BATON_{service.upper()}_DATABASE_URL"
+        (dep_var,) = [v for v in dep_container["env"] if v["name"] == var]
+        assert dep_var == job_env[var], f"{var}: the Job and the Deployment name the same secret"
 
 
 def test_nats_helm_values_run_a_three_node_jetstream_cluster() -> None:
