@@ -29,7 +29,6 @@ from sqlalchemy import (
     func,
     or_,
     select,
-    text,
 )
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
@@ -175,9 +174,7 @@ def _insert(session: AsyncSession, table: Any) -> Any:
 async def lock_request(session: AsyncSession, request_id: str) -> None:
     """PostgreSQL: hold a per-request advisory lock until the transaction ends (SQLite writes are serial anyway)."""
     if session.get_bind().dialect.name == "postgresql":
-        await session.execute(
-            text("SELECT pg_advisory_xact_lock(hashtextextended(:key, 0))"), {"key": f"metrics:{request_id}"}
-        )
+        await session.execute(select(func.pg_advisory_xact_lock(func.hashtextextended(f"metrics:{request_id}", 0))))
 
 
 async def insert_event(session: AsyncSession, row: dict[str, Any]) -> Stored:
