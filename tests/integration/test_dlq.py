@@ -10,7 +10,7 @@ import asyncio
 import base64
 import itertools
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -104,9 +104,19 @@ async def test_poison_among_good_ones_is_tried_max_deliver_times_with_growing_de
             raise ValueError("cannot digest this one")
         return await original(self, msg)
 
+    original_batch = IntakeProcessor.process_batch
+
+    async def process_batch(self: IntakeProcessor, msgs: Sequence[Inbound], *args: Any, **kwargs: Any) -> Any:
+        # Processing the poison raises inside a batch too: the batch rolls back and intake falls back to one
+        # message at a time (``process`` above), which isolates it.
+        if any(b"POISON" in m.data for m in msgs):
+            raise ValueError("cannot digest this one (in a batch)")
+        return await original_batch(self, msgs, *args, **kwargs)
+
     rids = [new_rid() for _ in range(4)]
     async with running_intake(nats_server.url, make_database_url("intake")) as app:
         app.state.processor.process = process.__get__(app.state.processor)
+        app.state.processor.process_batch = process_batch.__get__(app.state.processor)
         await publish(nc, inbound_subject("marketing", "created"), created(rids[0]))
         poison = created(rids[1], title="POISON pill")
         await publish(nc, inbound_subject("marketing", "created"), poison)
