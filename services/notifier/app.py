@@ -109,8 +109,7 @@ def watch_subscriptions(broker: NatsBroker, registry: CollectorRegistry) -> list
 
 def _busy(subscriber: object) -> bool:
     """Is the subscriber handling a batch? (FastStream's MultiLock holds one entry per message in hand.)"""
-    empty = getattr(getattr(subscriber, "lock", None), "empty", None)
-    return callable(empty) and not empty()
+    return bool(getattr(getattr(subscriber, "lock", None), "qsize", 0))  # a property, like ``empty``
 
 
 def create_app(
