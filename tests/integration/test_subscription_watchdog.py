@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
 import nats
@@ -20,10 +21,13 @@ from fastapi import FastAPI
 from nats.aio.client import Client as NATS
 from prometheus_client import CollectorRegistry
 
-from libs.contracts.subjects import CONSUMER_METRICS, STREAM_EVENTS
+from libs.contracts.subjects import CONSUMER_INTAKE, CONSUMER_METRICS, STREAM_EVENTS, inbound_subject
 from libs.contracts.watchdog import StallWatchdog
+from services.intake.app import create_app as create_intake
+from services.intake.settings import IntakeSettings
 from services.metrics.app import create_app
 from services.metrics.settings import MetricsSettings
+from tests.intake_events import created, intake_settled, new_rid, publish
 from tests.metrics_events import at, lifecycle, subject_and_body
 
 pytestmark = pytest.mark.integration
@@ -103,3 +107,41 @@ async def test_a_stalled_subscription_is_restarted_and_a_live_one_is_not(
         print(f"\nwatchdog: restarted a stalled subscription; its event handled {recovered:.1f}s later")
     finally:
         await nc.close()
+
+
+async def test_intake_gate_restarts_its_stalled_subscription(
+    provisioned_nats: str, make_database_url: Callable[[str], str], tmp_path: Path
+) -> None:
+    settings = IntakeSettings(
+        nats_url=provisioned_nats,
+        database_url=make_database_url("intake"),
+        fetch_timeout=0.05,
+        tokens_path=tmp_path / "tokens.yaml",
+    )
+    app = create_intake(settings)
+    nc = await nats.connect(provisioned_nats)
+    try:
+        async with app.router.lifespan_context(app):
+            gate = app.state.gate
+            await wait_until(lambda: gate.is_open)
+            [sub] = gate.consumer.subscribers
+            await gate.consumer.connection._send_command(b"UNSUB %d\r\n" % sub.subscription._sub._id)
+            await gate.consumer.connection.flush()
+            await publish(nc, inbound_subject("marketing", "created"), created(new_rid()))
+            watcher = asyncio.create_task(gate.watch(gate.consumer.connection, every=0.2, stalled_after=0.5))
+            try:
+                await intake_settled(nc, within=30)
+            finally:
+                watcher.cancel()
+            registry: CollectorRegistry = app.state.registry
+            restarted = registry.get_sample_value("baton_intake_resubscriptions_total", {"consumer": CONSUMER_INTAKE})
+            assert (restarted or 0) >= 1
+    finally:
+        await nc.close()
+
+
+async def wait_until(condition: Callable[[], bool], within: float = 20.0) -> None:
+    deadline = time.monotonic() + within
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached"
+        await asyncio.sleep(0.05)
