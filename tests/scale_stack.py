@@ -269,7 +269,9 @@ async def diagnose(nc: NATS, stack: Stack) -> str:
             info = await nc.jetstream(timeout=5).consumer_info(stream, durable)
             lines.append(
                 f"{stream}/{durable}: pending {info.num_pending}, unacked {info.num_ack_pending}, "
-                f"redelivered {info.num_redelivered}, ack floor {info.ack_floor.stream_seq if info.ack_floor else None}"
+                f"redelivered {info.num_redelivered}, "
+                f"ack floor {info.ack_floor.stream_seq if info.ack_floor else None}, "
+                f"waiting pull requests {info.num_waiting}, leader {info.cluster.leader if info.cluster else None}"
             )
         except Exception as exc:
             lines.append(f"{stream}/{durable}: {exc!r}")

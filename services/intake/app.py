@@ -17,7 +17,7 @@ from faststream.nats.prometheus import NatsPrometheusMiddleware
 from nats.aio.client import Client as NATSClient
 from nats.js.errors import NotFoundError
 from opentelemetry.sdk.trace import TracerProvider
-from prometheus_client import CollectorRegistry, make_asgi_app
+from prometheus_client import CollectorRegistry, Counter, make_asgi_app
 from starlette.responses import JSONResponse
 
 from libs.contracts.publishing import jetstream_publish_many, sequential_publish_many
@@ -101,7 +101,17 @@ def create_app(settings: IntakeSettings, *, tracer_provider: TracerProvider | No
     if settings.tokens_path is None:
         log.warning("no token file (BATON_INTAKE_TOKENS_PATH): the HTTP API refuses every call")
     limits: dict[str, int] = {}
-    gate = ConsumerGate(consumer, before_open=lambda: wait_for_handover(broker.connection, STREAM_IN, CONSUMER_INTAKE))
+    resubscriptions = Counter(
+        "baton_intake_resubscriptions",
+        "Pull subscriptions restarted by the stall watchdog (messages waited, none was handled).",
+        ["consumer"],
+        registry=registry,
+    )
+    gate = ConsumerGate(
+        consumer,
+        before_open=lambda: wait_for_handover(broker.connection, STREAM_IN, CONSUMER_INTAKE),
+        on_resubscribe=resubscriptions.labels(CONSUMER_INTAKE).inc,
+    )
     consumer.include_router(
         build_router(
             processor,
@@ -166,6 +176,7 @@ def create_app(settings: IntakeSettings, *, tracer_provider: TracerProvider | No
     app.state.database = database
     app.state.processor = processor
     app.state.gate = gate
+    app.state.registry = registry
     app.state.tracer = tracer
     app.state.tokens = tokens
     app.mount("/metrics", make_asgi_app(registry))
@@ -194,9 +205,15 @@ class ConsumerGate:
     between messages once ``open`` is False (``build_router``'s ``still_consuming``).
     """
 
-    def __init__(self, consumer: NatsBroker, before_open: Callable[[], Awaitable[object]] | None = None) -> None:
+    def __init__(
+        self,
+        consumer: NatsBroker,
+        before_open: Callable[[], Awaitable[object]] | None = None,
+        on_resubscribe: Callable[[], object] | None = None,
+    ) -> None:
         self.consumer = consumer
         self.before_open = before_open
+        self.on_resubscribe = on_resubscribe
         self.is_open = False
         self.last_handled = 0.0
         self.opened_at = 0.0
@@ -257,6 +274,8 @@ class ConsumerGate:
                     CONSUMER_INTAKE,
                 )
                 self.resubscriptions += 1
+                if self.on_resubscribe is not None:
+                    self.on_resubscribe()
                 await self.close()
                 await self.open()
 
@@ -278,8 +297,7 @@ class ConsumerGate:
 
 def _busy(subscriber: object) -> bool:
     """Is the subscriber handling a batch? (FastStream's MultiLock holds one entry per message in hand.)"""
-    empty = getattr(getattr(subscriber, "lock", None), "empty", None)
-    return callable(empty) and not empty()
+    return bool(getattr(getattr(subscriber, "lock", None), "qsize", 0))  # a property, like ``empty``
 
 
 async def _drain_outbox(processor: IntakeProcessor, interval: float) -> None:

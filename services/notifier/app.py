@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -11,11 +12,12 @@ from typing import Annotated, Any
 
 import nats
 from fastapi import FastAPI, HTTPException, Path
+from faststream import BaseMiddleware
 from faststream.nats import NatsBroker
 from faststream.nats.prometheus import NatsPrometheusMiddleware
 from nats.js.errors import NotFoundError
 from opentelemetry.sdk.trace import TracerProvider
-from prometheus_client import CollectorRegistry, make_asgi_app
+from prometheus_client import CollectorRegistry, Counter, make_asgi_app
 from starlette.responses import JSONResponse
 
 from libs.contracts import Catalog
@@ -25,6 +27,7 @@ from libs.contracts.publishing import jetstream_publish_many, sequential_publish
 from libs.contracts.subjects import CONSUMER_NOTIFIER, STREAM_EVENTS
 from libs.contracts.tokens import TokenRegistry
 from libs.contracts.tracing import make_tracer_provider, send_span
+from libs.contracts.watchdog import StallWatchdog, watch
 
 from . import db
 from .api import FeedSource, build_api
@@ -51,6 +54,63 @@ async def require_consumer(
         raise RuntimeError(f"consumer {stream}/{durable} does not exist: run `baton provision` first") from exc
     finally:
         await nc.close()
+
+
+def watch_subscriptions(broker: NatsBroker, registry: CollectorRegistry) -> list[StallWatchdog]:
+    """A stall watchdog (libs/contracts/watchdog.py) for each of the broker's pull subscriptions.
+
+    A middleware marks every batch handed to a handler (the sign of life); a restart stops and starts the
+    FastStream subscriber (a new inbox and new pull requests), logs a warning and counts it."""
+    resubscriptions = Counter(
+        f"baton_{SERVICE_NAME.removeprefix('baton-')}_resubscriptions",
+        "Pull subscriptions restarted by the stall watchdog (messages waited, none was handled).",
+        ["consumer"],
+        registry=registry,
+    )
+    watchdogs: dict[int, StallWatchdog] = {}
+
+    class SignOfLife(BaseMiddleware[Any, Any]):
+        async def on_receive(self) -> None:
+            watchdog = watchdogs.get(id(self.context.get_local("handler_")))
+            if watchdog is not None:
+                watchdog.alive()
+
+    def watchdog_for(sub: Any) -> StallWatchdog:
+        stream, durable = sub.stream.name, sub.extra_options["durable"]
+
+        async def backlog() -> tuple[int, int]:
+            info = await broker.connection.jetstream(timeout=2).consumer_info(stream, durable)
+            return info.num_pending or 0, info.num_ack_pending or 0
+
+        async def restart() -> None:
+            inbox = getattr(sub.subscription, "_sub", None)  # what the stalled inbox got: for the diagnosis
+            log.warning(
+                "resubscribing to %s/%s (connected to %s; the old inbox got %s messages, %s unread)",
+                stream,
+                durable,
+                broker.connection.connected_url,
+                getattr(inbox, "_received", "?"),
+                inbox._pending_queue.qsize() if inbox is not None else "?",
+            )
+            resubscriptions.labels(durable).inc()
+            try:
+                await sub.stop()
+            except Exception:  # NATS unreachable: the subscription went with the connection; subscribe afresh
+                log.warning("stopping the %s/%s subscription failed", stream, durable, exc_info=True)
+                sub.subscription = None
+            await sub.start()
+
+        return StallWatchdog(f"{stream}/{durable}", backlog=backlog, busy=lambda: _busy(sub), restart=restart)
+
+    for sub in broker.subscribers:
+        watchdogs[id(sub)] = watchdog_for(sub)
+    broker.add_middleware(SignOfLife)
+    return list(watchdogs.values())
+
+
+def _busy(subscriber: object) -> bool:
+    """Is the subscriber handling a batch? (FastStream's MultiLock holds one entry per message in hand.)"""
+    return bool(getattr(getattr(subscriber, "lock", None), "qsize", 0))  # a property, like ``empty``
 
 
 def create_app(
@@ -125,6 +185,7 @@ def create_app(
             tracer=tracer,
         )
     )
+    watchdogs = watch_subscriptions(broker, registry)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -136,10 +197,14 @@ def create_app(
             asyncio.create_task(webhooks.run(), name="notifier-webhooks"),
             asyncio.create_task(digests.run(), name="notifier-digests"),
         ]
+        watchdog = asyncio.create_task(watch(watchdogs), name="notifier-subscription-watchdog")
         log.info("notifier consuming %s/%s", STREAM_EVENTS, CONSUMER_NOTIFIER)
         try:
             yield
         finally:
+            watchdog.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watchdog
             await broker.stop()
             await webhooks.stop()
             await digests.stop()
@@ -154,6 +219,7 @@ def create_app(
     app = FastAPI(title="Baton notifier", version="1.0.0", lifespan=lifespan)
     app.state.settings = settings
     app.state.broker = broker
+    app.state.watchdogs = watchdogs
     app.state.database = database
     app.state.processor = processor
     app.state.webhooks = webhooks

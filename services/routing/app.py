@@ -14,6 +14,7 @@ from typing import Annotated, Any
 
 import nats
 from fastapi import FastAPI, HTTPException, Path
+from faststream import BaseMiddleware
 from faststream.nats import NatsBroker
 from faststream.nats.prometheus import NatsPrometheusMiddleware
 from nats.js.api import ConsumerConfig
@@ -33,6 +34,7 @@ from libs.contracts.subjects import (
     request_events_filter,
 )
 from libs.contracts.tracing import make_tracer_provider, send_span
+from libs.contracts.watchdog import StallWatchdog, watch
 
 from . import db
 from .business_time import BusinessCalendar
@@ -60,6 +62,63 @@ async def require_consumer(
         raise RuntimeError(f"consumer {stream}/{durable} does not exist: run `baton provision` first") from exc
     finally:
         await nc.close()
+
+
+def watch_subscriptions(broker: NatsBroker, registry: CollectorRegistry) -> list[StallWatchdog]:
+    """A stall watchdog (libs/contracts/watchdog.py) for each of the broker's pull subscriptions.
+
+    A middleware marks every batch handed to a handler (the sign of life); a restart stops and starts the
+    FastStream subscriber (a new inbox and new pull requests), logs a warning and counts it."""
+    resubscriptions = Counter(
+        f"baton_{SERVICE_NAME.removeprefix('baton-')}_resubscriptions",
+        "Pull subscriptions restarted by the stall watchdog (messages waited, none was handled).",
+        ["consumer"],
+        registry=registry,
+    )
+    watchdogs: dict[int, StallWatchdog] = {}
+
+    class SignOfLife(BaseMiddleware[Any, Any]):
+        async def on_receive(self) -> None:
+            watchdog = watchdogs.get(id(self.context.get_local("handler_")))
+            if watchdog is not None:
+                watchdog.alive()
+
+    def watchdog_for(sub: Any) -> StallWatchdog:
+        stream, durable = sub.stream.name, sub.extra_options["durable"]
+
+        async def backlog() -> tuple[int, int]:
+            info = await broker.connection.jetstream(timeout=2).consumer_info(stream, durable)
+            return info.num_pending or 0, info.num_ack_pending or 0
+
+        async def restart() -> None:
+            inbox = getattr(sub.subscription, "_sub", None)  # what the stalled inbox got: for the diagnosis
+            log.warning(
+                "resubscribing to %s/%s (connected to %s; the old inbox got %s messages, %s unread)",
+                stream,
+                durable,
+                broker.connection.connected_url,
+                getattr(inbox, "_received", "?"),
+                inbox._pending_queue.qsize() if inbox is not None else "?",
+            )
+            resubscriptions.labels(durable).inc()
+            try:
+                await sub.stop()
+            except Exception:  # NATS unreachable: the subscription went with the connection; subscribe afresh
+                log.warning("stopping the %s/%s subscription failed", stream, durable, exc_info=True)
+                sub.subscription = None
+            await sub.start()
+
+        return StallWatchdog(f"{stream}/{durable}", backlog=backlog, busy=lambda: _busy(sub), restart=restart)
+
+    for sub in broker.subscribers:
+        watchdogs[id(sub)] = watchdog_for(sub)
+    broker.add_middleware(SignOfLife)
+    return list(watchdogs.values())
+
+
+def _busy(subscriber: object) -> bool:
+    """Is the subscriber handling a batch? (FastStream's MultiLock holds one entry per message in hand.)"""
+    return bool(getattr(getattr(subscriber, "lock", None), "qsize", 0))  # a property, like ``empty``
 
 
 def create_app(
@@ -157,6 +216,7 @@ def create_app(
             limit=limit,
         )
     )
+    watchdogs = watch_subscriptions(broker, registry)
 
     def check_catalog() -> None:
         had_error = watcher.last_error
@@ -211,12 +271,14 @@ def create_app(
             current.fallback_department,
         )
         chores = asyncio.create_task(maintain(), name="routing-maintenance")
+        watchdog = asyncio.create_task(watch(watchdogs), name="routing-subscription-watchdog")
         try:
             yield
         finally:
-            chores.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await chores
+            for task in (chores, watchdog):
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
             await broker.stop()
             await database.close()
             tracer_provider.shutdown()
@@ -225,6 +287,7 @@ def create_app(
     app.state.settings = settings
     app.state.catalog_watcher = watcher
     app.state.broker = broker
+    app.state.watchdogs = watchdogs
     app.state.database = database
     app.state.processor = processor
     app.state.delivery_limit = limit

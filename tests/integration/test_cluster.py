@@ -105,6 +105,8 @@ async def test_killing_the_stream_leader_mid_run_loses_and_duplicates_nothing(
         recovered = time.monotonic() - killed_at
         elapsed = time.monotonic() - started - boot
         dead = [r.name for r in stack.members if not r.alive]
+        # Stall watchdogs that fired (docs/architecture.md, "A JetStream cluster"): printed, not asserted.
+        resubscribed = {r.name: n for r in stack.members if (n := r.log_text().count("resubscribing to "))}
         assert not dead, f"services died: {dead}"
         # The killed node comes back and catches up (it must not bring back anything stale).
         await victim.start_async()
@@ -126,7 +128,8 @@ async def test_killing_the_stream_leader_mid_run_loses_and_duplicates_nothing(
         f"{load.total} canonical events; killed {victim_name} (leader of {STREAM_IN}; {STREAM_EVENTS} led by "
         f"{events_leader}) with {in_log_at_kill}/{load.total} events in the log; new {STREAM_IN} leader after "
         f"{to_new_leader:.1f}s; all drained {recovered:.1f}s after the "
-        f"kill ({elapsed:.1f}s for the whole load); counts {counts}; 0 refused, 0 dead letters"
+        f"kill (stalled subscriptions restarted: {resubscribed or 'none'}; "
+        f"{elapsed:.1f}s for the whole load); counts {counts}; 0 refused, 0 dead letters"
     )
 
 
