@@ -216,8 +216,10 @@ async def test_a_dead_endpoint_is_dead_lettered_while_other_departments_keep_rec
             event_id = orjson.loads(hit.body)["event"]["event_id"]
             latencies.append(hit.at - published_at[event_id])
         assert len({h.headers["Baton-Delivery-Id"] for h in server.on("/ok")}) == expected_it  # each once
-        assert max(latencies) < 3.0, f"IT waited {max(latencies):.2f}s behind dead endpoints"
         print(f"\nIT webhook latency behind dead endpoints: max {max(latencies):.3f}s over {len(latencies)}")
+        # Not a speed claim (measured: 0.4-1.2 s on a quiet machine), a bound that tells isolation from
+        # queueing: delivered in turn behind legal's 24 timeouts of 0.5 s, IT would wait 12 s or more.
+        assert max(latencies) < 10.0, f"IT waited {max(latencies):.2f}s behind dead endpoints"
 
         # finance's endpoint always fails, legal's always times out: both end in the dead-letter list
         deadline = time.monotonic() + 15
@@ -329,7 +331,8 @@ async def test_the_api_needs_the_departments_own_token(
 
 
 async def test_a_database_from_before_this_change_gains_the_new_columns(make_database_url: MakeDatabaseUrl) -> None:
-    """The foundation's tables lack the columns added since: start() adds them (nullable), data intact."""
+    """The foundation's tables lack the columns added since: start() stamps the database at the baseline
+    and migration 0002 adds them (nullable), data intact."""
     from sqlalchemy import inspect, text
 
     from services.notifier import db
