@@ -140,6 +140,10 @@ class Stack:
             prefix + "CATALOG_PATH": str(self.config.catalog_path.resolve()),
             prefix + "TOKENS_PATH": str(self.tokens_path),
             "OTEL_SERVICE_NAME": f"baton-{name}",
+            # One intake replica: no standby to hand over to, so no consumer lease. With a lease, an
+            # intake restarted after kill -9 would wait out the dead holder's key (the TTL) and its
+            # unacked batch (the ack wait) before consuming again (docs/architecture.md).
+            **({prefix + "CONSUMER_LEASE": "false"} if name == "intake" else {}),
             **self.config.extra_env,
             **self.config.service_env.get(name, {}),
         }
