@@ -16,10 +16,7 @@ Delivery rules:
 from __future__ import annotations
 
 import base64
-import functools
-import itertools
 import logging
-import os
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
@@ -39,6 +36,7 @@ from libs.contracts import EVENT_MODELS, DeadLetter, dumps
 from libs.contracts import tracing as telemetry
 from libs.contracts.dlq import TERM_DEAD_LETTERED, term_with_reason, wait_out_transient
 from libs.contracts.envelope import ID_RE
+from libs.contracts.failpoint import Failpoint
 from libs.contracts.notifications import FieldError, Role
 from libs.contracts.publishing import Outgoing, PublishMany, sequential_publish_many
 from libs.contracts.subjects import (
@@ -377,27 +375,5 @@ def to_inbound(raw: Msg) -> Inbound:
 
 
 # --- test-only fault injection (tests/faults) ----------------------------------------------------
-@functools.cache
-def _failpoint_spec() -> tuple[str, str]:
-    """``BATON_METRICS_FAILPOINT``, read once; unset (the default) everywhere but the fault tests."""
-    kind, _, arg = os.environ.get("BATON_METRICS_FAILPOINT", "").partition(":")
-    return kind, arg
-
-
-_failpoint_passes = itertools.count(1)
-
-
-def failpoint(request_id: str) -> None:
-    """Test-only (tests/faults), called right after the commit and before the publishes and the ack.
-
-    ``crash_after_commit:<n>``: every n-th pass exits the process at once (``os._exit(137)``, as
-    ``kill -9`` would); ``raise_for:<request_id>``: every delivery of that request's events fails
-    (a poison message). Does nothing when ``BATON_METRICS_FAILPOINT`` is unset.
-    """
-    kind, arg = _failpoint_spec()
-    if kind == "crash_after_commit" and next(_failpoint_passes) % max(int(arg), 1) == 0:
-        log.warning("failpoint crash_after_commit: exiting after the commit, before the ack")
-        logging.shutdown()
-        os._exit(137)
-    if kind == "raise_for" and request_id == arg:
-        raise RuntimeError(f"failpoint raise_for: poison request {request_id}")
+#: Called right after the commit, before the publishes and the ack (libs/contracts/failpoint.py).
+failpoint = Failpoint("BATON_METRICS_FAILPOINT", log)
