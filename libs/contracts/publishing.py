@@ -1,13 +1,16 @@
-"""How a service publishes the effects of a fetched batch: every message sent in order, every PubAck awaited
-together (a PubAck window), instead of one publish-and-wait round trip per message.
+"""How a service publishes the effects of a fetched batch, after its one commit: every message in order,
+each PubAck awaited before the next message goes out.
 
 * ``Outgoing``: one message to publish on a stream with a ``Nats-Msg-Id`` (JetStream drops a copy with the
   same id inside the stream's duplicate window: a replay after a crash is harmless), and the trace context
   it belongs to (the consumer span of the message that caused it), so that its ``send`` span stays in the
   request's trace although it is sent after that consumer span ended;
-* ``jetstream_publish_many``: sends them in list order on one connection with ``publish_async`` (so each
-  subject, e.g. a department's notification stream, keeps its order) and returns only once every PubAck
-  arrived; the first failure (error PubAck, no stream, timeout) is raised, so the caller acks nothing;
+* ``jetstream_publish_many``: sends them in list order on one connection, each message only after the
+  previous one's PubAck, and returns once every PubAck arrived; the first failure (error PubAck, no
+  stream, timeout) is raised, so the caller acks nothing. Not a PubAck window: with several messages in
+  flight, one lost in a stream-leader change could be re-sent after a later one was stored, and a
+  department's stream would hold one request's notifications out of order (tests/integration/test_cluster.py
+  found it);
 * ``sequential_publish_many``: the same contract on top of a one-at-a-time ``publish`` (tests, fallbacks).
 """
 
@@ -75,7 +78,7 @@ def sequential_publish_many(publish: PublishOne) -> PublishMany:
 def jetstream_publish_many(
     jetstream: Callable[[], Any], tracer: trace.Tracer, fallback: PublishMany, *, timeout: float = 10.0
 ) -> PublishMany:
-    """``PublishMany`` with a PubAck window: ``jetstream()`` returns the connected nats-py JetStream context.
+    """``PublishMany`` on nats-py, in order (one PubAck at a time): ``jetstream()`` returns the connected context.
 
     When it is not a nats-py ``JetStreamContext`` (FastStream's in-memory ``TestNatsBroker``), every message goes
     goes through ``fallback`` (e.g. ``sequential_publish_many(publish)``)."""
@@ -94,12 +97,12 @@ def jetstream_publish_many(
                     telemetry.within(item.context),
                     telemetry.send_span(tracer, item.subject, item.body, item.all_headers()) as headers,
                 ):
-                    futures.append(
-                        await js.publish_async(
-                            item.subject, item.body, wait_stall=timeout, stream=item.stream, headers=headers
-                        )
+                    future = await js.publish_async(
+                        item.subject, item.body, wait_stall=timeout, stream=item.stream, headers=headers
                     )
-            await asyncio.wait_for(asyncio.gather(*futures), timeout=timeout)
+                    futures.append(future)
+                # In order: the next message goes out only once this one is stored (see the module doc).
+                await asyncio.wait_for(future, timeout=timeout)
         finally:
             for future in futures:
                 if not future.done():
