@@ -21,6 +21,7 @@ from prometheus_client import CollectorRegistry, Counter, make_asgi_app
 from starlette.responses import JSONResponse
 
 from libs.contracts.publishing import jetstream_publish_many, sequential_publish_many
+from libs.contracts.pull import prompt_pull
 from libs.contracts.subjects import CONSUMER_ADVISORIES, CONSUMER_INTAKE, STREAM_ADVISORIES, STREAM_IN
 from libs.contracts.tokens import TokenRegistry
 from libs.contracts.tracing import make_tracer_provider, send_span
@@ -137,6 +138,9 @@ def create_app(settings: IntakeSettings, *, tracer_provider: TracerProvider | No
             inbox_prefix=settings.subscriber_inbox_prefix(),
         )
     )
+
+    for sub in (*consumer.subscribers, *broker.subscribers):  # a batch handed over at once (libs/contracts/pull.py)
+        prompt_pull(sub, idle=settings.fetch_timeout)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:

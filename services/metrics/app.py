@@ -41,6 +41,7 @@ from libs.contracts.catalog import Catalog
 from libs.contracts.catalog_file import CatalogError, load_catalog
 from libs.contracts.envelope import ID_PATTERN, SLUG_PATTERN
 from libs.contracts.publishing import jetstream_publish_many, sequential_publish_many
+from libs.contracts.pull import prompt_pull
 from libs.contracts.subjects import CONSUMER_METRICS, STREAM_EVENTS
 from libs.contracts.tracing import make_tracer_provider, send_span
 from libs.contracts.watchdog import StallWatchdog, watch
@@ -330,6 +331,8 @@ def create_app(
             inbox_prefix=settings.subscriber_inbox_prefix(),
         )
     )
+    for sub in broker.subscribers:  # a batch handed over as soon as anything arrived (libs/contracts/pull.py)
+        prompt_pull(sub, idle=settings.fetch_timeout)
     watchdogs = watch_subscriptions(broker, registry)
 
     @asynccontextmanager

@@ -25,7 +25,12 @@ class MetricsSettings(natsauth.NatsClientSettings):
     http_host: str = "127.0.0.1"
     http_port: int = 8104
     fetch_batch: int = Field(default=64, ge=1, le=1000, description="Messages fetched per pull request.")
-    fetch_timeout: float = Field(default=0.05, gt=0, description="Seconds to wait for a batch to fill.")
+    fetch_timeout: float = Field(
+        default=1.0,
+        gt=0,
+        description="Seconds one pull request waits for a message while the consumer is idle (a batch is handed "
+        "over as soon as anything arrived).",
+    )
     retry_delay: float = Field(
         default=2.0,
         gt=0,

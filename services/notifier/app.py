@@ -24,6 +24,7 @@ from libs.contracts import Catalog
 from libs.contracts.catalog_file import load_catalog
 from libs.contracts.envelope import ID_PATTERN
 from libs.contracts.publishing import jetstream_publish_many, sequential_publish_many
+from libs.contracts.pull import prompt_pull
 from libs.contracts.subjects import CONSUMER_NOTIFIER, STREAM_EVENTS
 from libs.contracts.tokens import TokenRegistry
 from libs.contracts.tracing import make_tracer_provider, send_span
@@ -185,6 +186,8 @@ def create_app(
             tracer=tracer,
         )
     )
+    for sub in broker.subscribers:  # a batch handed over as soon as anything arrived (libs/contracts/pull.py)
+        prompt_pull(sub, idle=settings.fetch_timeout)
     watchdogs = watch_subscriptions(broker, registry)
 
     @asynccontextmanager

@@ -26,6 +26,7 @@ from starlette.responses import JSONResponse
 from libs.contracts import Catalog, loads
 from libs.contracts.envelope import ID_PATTERN
 from libs.contracts.publishing import jetstream_publish_many, sequential_publish_many
+from libs.contracts.pull import prompt_pull
 from libs.contracts.subjects import (
     CONSUMER_ROUTING,
     CONSUMER_ROUTING_TIMERS,
@@ -216,6 +217,8 @@ def create_app(
             limit=limit,
         )
     )
+    for sub in broker.subscribers:  # a batch handed over as soon as anything arrived (libs/contracts/pull.py)
+        prompt_pull(sub, idle=settings.fetch_timeout)
     watchdogs = watch_subscriptions(broker, registry)
 
     def check_catalog() -> None:

@@ -42,7 +42,18 @@ from nats.js.errors import NotFoundError
 from baton.cmd_tokens import token_from_file
 from baton.demo import envelope
 from baton.supervisor import Stack
-from libs.contracts.subjects import STREAM_DLQ, STREAM_EVENTS, STREAM_NOTIFY, event_subject, inbound_subject
+from libs.contracts.subjects import (
+    CONSUMER_INTAKE,
+    CONSUMER_METRICS,
+    CONSUMER_NOTIFIER,
+    CONSUMER_ROUTING,
+    STREAM_DLQ,
+    STREAM_EVENTS,
+    STREAM_IN,
+    STREAM_NOTIFY,
+    event_subject,
+    inbound_subject,
+)
 
 #: The lifecycle every request goes through; routing publishes ``routed``.
 LIFECYCLE = ("created", "routed", "accepted", "delayed", "resolved", "feedback")
@@ -219,6 +230,7 @@ class Oracle:
         assert self.nc is not None
         jsm = self.nc.jsm()
         deadline = time.monotonic() + within
+        last_error: BaseException | None = None
         while True:
             try:
                 msg = await jsm.get_last_msg(STREAM_EVENTS, event_subject(request_id, event_type))
@@ -226,11 +238,47 @@ class Oracle:
                 return dict(orjson.loads(msg.data))
             except NotFoundError:
                 pass
-            except Exception:  # NATS restarting: try again
-                pass
+            except Exception as exc:  # NATS restarting: try again
+                last_error = exc
             if time.monotonic() > deadline:
-                raise TimeoutError(f"{event_type} of {request_id} never reached {STREAM_EVENTS}")
+                raise TimeoutError(
+                    f"{event_type} of {request_id} never reached {STREAM_EVENTS} within {within:.0f}s "
+                    f"(last error: {last_error!r})\n{await self.diagnose(request_id)}"
+                )
             await asyncio.sleep(0.2)
+
+    async def diagnose(self, request_id: str) -> str:
+        """What a stuck request looks like from outside: the consumers' state and the services' log lines about
+        it (printed with a timeout, so that a failure in CI says where the event stopped)."""
+        lines: list[str] = []
+        assert self.nc is not None
+        jsm = self.nc.jsm()
+        for stream, durable in (
+            (STREAM_IN, CONSUMER_INTAKE),
+            (STREAM_EVENTS, CONSUMER_ROUTING),
+            (STREAM_EVENTS, CONSUMER_NOTIFIER),
+            (STREAM_EVENTS, CONSUMER_METRICS),
+        ):
+            try:
+                info = await jsm.consumer_info(stream, durable)
+                lines.append(
+                    f"  consumer {stream}/{durable}: pending={info.num_pending} ack_pending={info.num_ack_pending} "
+                    f"redelivered={info.num_redelivered} waiting={info.num_waiting} "
+                    f"delivered={info.delivered.stream_seq if info.delivered else '?'} "
+                    f"ack_floor={info.ack_floor.stream_seq if info.ack_floor else '?'}"
+                )
+            except Exception as exc:
+                lines.append(f"  consumer {stream}/{durable}: {exc!r}")
+        for name, svc in self.stack.services.items():
+            try:
+                text = svc.log_path.read_text(errors="replace").splitlines()
+            except OSError as exc:
+                lines.append(f"  {name} log: {exc!r}")
+                continue
+            about = [x for x in text if request_id in x or " ERROR " in x or "WARNING" in x]
+            lines.append(f"  {name} log ({svc.log_path}): {len(about)} lines about it or at WARNING/ERROR; last 15:")
+            lines += [f"    {x[:300]}" for x in about[-15:]]
+        return "\n".join(lines)
 
     def build(self, lc: Lifecycle, event_type: str) -> tuple[str, dict[str, Any]]:
         """The inbound event ``event_type`` of ``lc`` and the department that publishes it."""

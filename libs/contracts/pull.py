@@ -1,0 +1,119 @@
+"""A prompt pull loop for batch subscribers (no broker import: each service wires it with :func:`prompt_pull`).
+
+FastStream's batch pull subscriber keeps fetching until its batch is full or its timeout has passed since
+the fetch began, so below a full batch every message waits out the whole timeout at every stage
+(docs/performance.md, "Fetch waits"). This loop hands a batch over as soon as anything is there:
+
+1. ``fetch(1, idle)``: one pull request that returns with the first message the consumer has, at once when
+   one is waiting, else as soon as one arrives (a long poll of at most ``idle`` seconds);
+2. that message's metadata says how many more the consumer has waiting (``num_pending``); if any,
+   ``fetch(k)`` takes up to ``batch - 1`` of them with nats-py's ``no_wait`` request, which the server answers
+   at once. Under load a batch is therefore what arrived while the previous one was handled (natural
+   batching, no fixed wait); a lone message goes alone.
+
+Redelivered messages are not counted in ``num_pending``; they come one fetch later at worst. While idle a
+subscriber costs one pull request per ``idle`` seconds. Errors other than a timeout (NATS restarting, the
+connection closed) are logged and retried after a short pause, never raised: the loop is the subscriber's
+only task and must outlive a broker outage (unacked messages are redelivered after the consumer's ack wait).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, Protocol
+
+log = logging.getLogger("baton.pull")
+
+#: Bound on the second fetch (it asks only for messages the consumer reported waiting, so the server answers at
+#: once; it lingers only if another replica took them first).
+LINGER = 0.2
+#: Pause after a failed fetch (NATS unreachable) before the next one.
+ERROR_PAUSE = 0.5
+#: At most one warning per this many seconds for repeated fetch failures.
+WARN_EVERY = 30.0
+
+
+class PullSubscription(Protocol):
+    async def fetch(self, batch: int = ..., timeout: float | None = ...) -> list[Any]: ...  # noqa: ASYNC109 (nats-py)
+
+
+async def next_batch(subscription: PullSubscription, batch: int, idle: float) -> list[Any]:
+    """The next batch: the first message within ``idle`` seconds, with up to ``batch - 1`` more the consumer
+    already had waiting; ``[]`` when nothing came."""
+    try:
+        messages = list(await subscription.fetch(batch=1, timeout=idle))
+    except TimeoutError:  # nats-py's timeouts subclass it
+        return []
+    waiting = waiting_after(messages[-1]) if messages else 0
+    if batch > 1 and waiting > 0:
+        with contextlib.suppress(TimeoutError):
+            messages += await subscription.fetch(batch=min(batch - 1, waiting), timeout=LINGER)
+    return messages
+
+
+def waiting_after(message: Any) -> int:
+    """How many messages the consumer still had for delivery after ``message`` (its JetStream metadata), 0 if
+    unknown."""
+    try:
+        return max(0, int(message.metadata.num_pending or 0))
+    except (AttributeError, TypeError, ValueError):
+        return 0
+
+
+async def pull_forever(
+    subscription: Callable[[], PullSubscription | None],
+    consume: Callable[[Sequence[Any]], Awaitable[Any]],
+    *,
+    running: Callable[[], bool],
+    batch: int,
+    idle: float,
+    name: str = "",
+) -> None:
+    """Fetch with :func:`next_batch` and hand every non-empty batch to ``consume`` while ``running()``."""
+    last_warning = 0.0
+    while running():
+        sub = subscription()
+        if sub is None:
+            await asyncio.sleep(ERROR_PAUSE)
+            continue
+        try:
+            messages = await next_batch(sub, batch, idle)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            now = time.monotonic()
+            if now - last_warning > WARN_EVERY:
+                last_warning = now
+                log.warning("fetching from %s failed (%s); trying again", name or "a pull subscription", exc)
+            await asyncio.sleep(ERROR_PAUSE)
+            continue
+        if messages and running():
+            await consume(messages)
+
+
+def prompt_pull(subscriber: Any, *, idle: float) -> None:
+    """Give a FastStream batch pull subscriber (``PullSub(batch=True)``) the prompt loop instead of its own.
+
+    FastStream starts ``subscriber._consume_pull`` as the subscription's task on every start (and restarts it
+    if it fails); the instance attribute set here takes its place. Only batch subscribers are changed."""
+    pull_sub = getattr(subscriber, "pull_sub", None)
+    if pull_sub is None or not getattr(pull_sub, "batch", False) or not hasattr(subscriber, "_consume_pull"):
+        return
+    size = int(pull_sub.batch_size)
+    name = f"{getattr(getattr(subscriber, 'stream', None), 'name', '?')}/{subscriber.extra_options.get('durable')}"
+
+    async def consume_pull() -> None:
+        await pull_forever(
+            lambda: subscriber.subscription,
+            subscriber.consume,
+            running=lambda: bool(subscriber.running),
+            batch=size,
+            idle=idle,
+            name=name,
+        )
+
+    subscriber._consume_pull = consume_pull
