@@ -159,6 +159,9 @@ class ResourceSampler:
         self.pids = pids
         self.interval = interval
         self.rss: dict[str, list[float]] = {name: [] for name in pids}
+        #: (seconds since start, RSS MiB) per process: the series behind ``memory_mib.<name>.per_minute``
+        self.series: dict[str, list[tuple[float, float]]] = {name: [] for name in pids}
+        self._started = time.monotonic()
         self._task: asyncio.Task[None] | None = None
 
     def cpu(self) -> dict[str, float | None]:
@@ -170,7 +173,16 @@ class ResourceSampler:
                 rss = proc_rss_mib(pid)
                 if rss is not None:
                     self.rss[name].append(rss)
+                    self.series[name].append((time.monotonic() - self._started, rss))
             await asyncio.sleep(self.interval)
+
+    def per_minute(self, name: str) -> list[float]:
+        """The largest RSS of each whole or partial minute of the run, in MiB: flat memory shows as a flat list."""
+        out: dict[int, float] = {}
+        for at, rss in self.series[name]:
+            minute = int(at // 60)
+            out[minute] = max(out.get(minute, 0.0), rss)
+        return [round(out[m], 1) for m in sorted(out)]
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run())
@@ -643,6 +655,7 @@ class Bench:
                 "first": round(s[0], 1) if s else None,
                 "last": round(s[-1], 1) if s else None,
                 "max": round(max(s), 1) if s else None,
+                "per_minute": sampler.per_minute(name),
             }
             for name, s in sampler.rss.items()
         }
@@ -791,4 +804,9 @@ def table(result: dict[str, Any]) -> str:
                 f"{name:<12} {cpu[name] or 0:>11.1f} {per[name] or 0:>12.3f} "
                 f"{m.get('first') or 0:>8.1f}/{m.get('last') or 0:.1f}/{m.get('max') or 0:.1f}"
             )
+    if any(len(m.get("per_minute") or []) > 2 for m in mem.values()):
+        lines.append("")
+        lines.append("RSS MiB, largest in each minute of the run:")
+        for name, m in mem.items():
+            lines.append(f"{name:<12} " + " ".join(f"{v:.0f}" for v in m.get("per_minute") or []))
     return "\n".join(lines)
