@@ -79,4 +79,5 @@ def test_bench_writes_every_field(tmp_path: Path, catalog_path: Path) -> None:
     assert result["memory_mib"].keys() >= PROCESSES
     for sample in result["memory_mib"].values():
         assert {"first", "last", "max", "per_minute"} <= sample.keys()
-        assert sample["per_minute"] and max(sample["per_minute"]) == sample["max"]
+        assert sample["per_minute"]
+        assert max(sample["per_minute"]) == sample["max"]
