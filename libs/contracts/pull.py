@@ -11,7 +11,8 @@ the fetch began, so below a full batch every message waits out the whole timeout
    at once. Under load a batch is therefore what arrived while the previous one was handled (natural
    batching, no fixed wait); a lone message goes alone.
 
-Redelivered messages are not counted in ``num_pending``; they come one fetch later at worst. While idle a
+Messages waiting for redelivery are not counted in ``num_pending``: after a redelivered message the second
+fetch asks for a full batch anyway, bounded by a short linger. While idle a
 subscriber costs one pull request per ``idle`` seconds. Errors other than a timeout (NATS restarting, the
 connection closed) are logged and retried after a short pause, never raised: the loop is the subscriber's
 only task and must outlive a broker outage (unacked messages are redelivered after the consumer's ack wait).
@@ -31,6 +32,9 @@ log = logging.getLogger("baton.pull")
 #: Bound on the second fetch (it asks only for messages the consumer reported waiting, so the server answers at
 #: once; it lingers only if another replica took them first).
 LINGER = 0.2
+#: Bound on the second fetch after a redelivered message, when the consumer reported nothing new waiting: the
+#: longest a lone redelivery waits for company.
+REDELIVERY_LINGER = 0.02
 #: Pause after a failed fetch (NATS unreachable) before the next one.
 ERROR_PAUSE = 0.5
 #: At most one warning per this many seconds for repeated fetch failures.
@@ -48,11 +52,26 @@ async def next_batch(subscription: PullSubscription, batch: int, idle: float) ->
         messages = list(await subscription.fetch(batch=1, timeout=idle))
     except TimeoutError:  # nats-py's timeouts subclass it
         return []
-    waiting = waiting_after(messages[-1]) if messages else 0
-    if batch > 1 and waiting > 0:
+    if batch < 2 or not messages:
+        return messages
+    waiting = waiting_after(messages[-1])
+    if waiting > 0:
         with contextlib.suppress(TimeoutError):
             messages += await subscription.fetch(batch=min(batch - 1, waiting), timeout=LINGER)
+    elif redelivered(messages[-1]):
+        # ``num_pending`` does not count messages waiting for redelivery (after a nak or an outage): ask for them
+        # anyway, briefly, so that a backlog of redeliveries is handled in batches too.
+        with contextlib.suppress(TimeoutError):
+            messages += await subscription.fetch(batch=batch - 1, timeout=REDELIVERY_LINGER)
     return messages
+
+
+def redelivered(message: Any) -> bool:
+    """Was ``message`` delivered before (its JetStream metadata); False if unknown."""
+    try:
+        return int(message.metadata.num_delivered or 0) > 1
+    except (AttributeError, TypeError, ValueError):
+        return False
 
 
 def waiting_after(message: Any) -> int:

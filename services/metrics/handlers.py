@@ -319,14 +319,20 @@ def build_router(
                 return
 
         # Fallback: one transaction per message, so that a poison message is isolated (dead-lettered) and
-        # the others still commit; a transient error naks the rest of the batch, keeping the order.
+        # the others still commit; a failure naks the rest of the batch, keeping the order, except a message on
+        # its last delivery: naked, it would never come back (JetStream's max-deliveries), so it is handled here.
+        backing_off: float | None = None
         for index, raw in enumerate(raws):
             inbound = inbounds[index]
+            last = 0 < spec.max_deliver <= inbound.num_delivered
+            if backing_off is not None and not last:
+                await raw.nak(delay=backing_off)
+                continue
             try:
                 with span_for(inbound):
                     await processor.process(inbound)
             except Exception as exc:
-                if 0 < spec.max_deliver <= inbound.num_delivered:
+                if last:
                     try:  # a transient failure is waited out here: an outage never dead-letters
                         await wait_out_transient(
                             lambda: processor.process(inbound),  # noqa: B023 (awaited within this iteration)
@@ -345,9 +351,9 @@ def build_router(
                 delay = backoff_delay(retry_delay, inbound.num_delivered)
                 log.exception("processing %s failed; redelivering in %.1fs", raw.subject[:128], delay)
                 # Keep the order: this message and everything after it in the batch come back later.
-                for later in raws[index:]:
-                    await later.nak(delay=delay)
-                return
+                await raw.nak(delay=delay)
+                backing_off = delay
+                continue
             await raw.ack()
 
     return router

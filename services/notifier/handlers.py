@@ -622,9 +622,14 @@ def build_router(
                 return
 
         # Fallback: one transaction per message, so that a poison message is isolated (dead-lettered) and
-        # the others still commit; a transient error naks the rest of the batch, keeping the order.
+        # the others still commit; a failure naks the rest of the batch, keeping the order, except a message on
+        # its last delivery: naked, it would never come back (JetStream's max-deliveries), so it is handled here.
+        backing_off = False
         for index, raw in enumerate(raws):
             inbound = inbounds[index]
+            if backing_off and not processor.is_last_delivery(inbound):
+                await raw.nak(delay=retry_delay)
+                continue
             try:
                 with span_for(inbound):
                     result = await processor.process(inbound)
@@ -659,10 +664,10 @@ def build_router(
                     continue
                 log.exception("processing %s failed; redelivering in %.1fs", raw.subject[:128], retry_delay)
                 # Keep the order: this message and everything after it in the batch come back later.
-                for later in raws[index:]:
-                    await later.nak(delay=retry_delay)
+                await raw.nak(delay=retry_delay)
                 count("retried")
-                return
+                backing_off = True
+                continue
             await settle(raw, result)
 
     return router

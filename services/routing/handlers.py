@@ -793,9 +793,14 @@ def build_router(
                     count(outcome.value)
                 return
         # Fallback: one transaction per message, so that a poison message is isolated (dead-lettered) and
-        # the others still commit; a failure naks the rest of the batch, keeping the order.
+        # the others still commit; a failure naks the rest of the batch, keeping the order, except a message on
+        # its last delivery: naked, it would never come back (JetStream's max-deliveries), so it is handled here.
+        backing_off: float | None = None
         for index, raw in enumerate(raws):
             inbound = inbounds[index]
+            if backing_off is not None and not limit.is_last(inbound.num_delivered):
+                await raw.nak(delay=backing_off)
+                continue
             try:
                 with span_for(inbound):
                     outcome = await processor.process(inbound)
@@ -841,10 +846,10 @@ def build_router(
                 delay = backoff_delay(retry_delay, inbound.num_delivered)
                 log.exception("processing %s failed; redelivering in %.1fs", raw.subject[:128], delay)
                 # Keep the order: this message and everything after it in the batch come back later.
-                for later in raws[index:]:
-                    await later.nak(delay=delay)
+                await raw.nak(delay=delay)
                 count("retried")
-                return
+                backing_off = delay
+                continue
             await raw.ack()
             count(outcome.value)
 

@@ -202,6 +202,67 @@ async def test_notifier_poison_in_a_batch_is_isolated_and_dead_lettered(
     assert "a bug this event triggers" in dead[0].message
 
 
+async def test_notifier_handles_a_message_on_its_last_delivery_behind_a_failing_one(
+    provisioned_nats: str,
+    make_database_url: MakeDatabaseUrl,
+    catalog_path: Path,
+    nc: NATS,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A failure naks the rest of the batch to keep the order, but a message on its last delivery must not be
+    naked: JetStream would never deliver it again (max-deliveries) although it never failed."""
+    max_deliver = 3
+    failing, good = new_rid(), new_rid()
+    jsm = nc.jsm()
+    config = (await jsm.consumer_info(STREAM_EVENTS, CONSUMER_NOTIFIER)).config
+    config.max_deliver = max_deliver
+    await jsm.add_consumer(STREAM_EVENTS, config)
+    await publish_event(nc, lifecycle(failing)[0])  # stream sequence 1
+    await publish_event(nc, lifecycle(good)[0])  # stream sequence 2
+    # Shape the delivery counts on the service's own consumer before it starts: the failing event will come back
+    # on its 2nd delivery, the good one right behind it on its 3rd, the last.
+    psub = await nc.jetstream().pull_subscribe_bind(CONSUMER_NOTIFIER, STREAM_EVENTS)
+    [held] = await psub.fetch(1, timeout=5)
+    for delivery in range(1, max_deliver):
+        [again] = await psub.fetch(1, timeout=5)
+        assert (again.metadata.sequence.stream, again.metadata.num_delivered) == (2, delivery)
+        if delivery < max_deliver - 1:
+            await again.nak()
+    await held.nak()  # back in the redelivery queue first ...
+    await again.nak()  # ... the good one behind it
+    await psub.unsubscribe()
+
+    real_plan = notifier_handlers.plan  # type: ignore[attr-defined]
+
+    def plan(before: Any, event: LifecycleEvent, *args: Any) -> Any:
+        if event.request_id == failing:
+            raise RuntimeError("a bug this event triggers")
+        return real_plan(before, event, *args)
+
+    monkeypatch.setattr(notifier_handlers, "plan", plan)
+    app = create_notifier(notifier_settings(provisioned_nats, make_database_url("notifier"), catalog_path))
+    processor: NotifierProcessor = app.state.processor
+    processor.max_deliver = max_deliver
+    handled: list[tuple[int, int]] = []  # (stream sequence, delivery) of every message the fallback handled
+    real_single = processor.process
+
+    async def process(msg: Any) -> Any:
+        handled.append((msg.stream_sequence, msg.num_delivered))
+        return await real_single(msg)
+
+    processor.process = process  # type: ignore[method-assign]
+    async with app.router.lifespan_context(app):
+        await settled(nc, CONSUMER_NOTIFIER)
+
+    print(f"handled one at a time (sequence, delivery): {handled}")
+    assert (1, 2) in handled  # the failing one, not on its last delivery: naked ...
+    assert (2, max_deliver) in handled  # ... and the good one behind it handled on its last delivery, not naked
+    notes = await notifications(nc)
+    assert {n.request_id for n in notes} == {good}
+    dead = [DeadLetter.model_validate_json(m.data) for m in await stream_messages(nc, STREAM_DLQ)]
+    assert [(d.code, d.original_stream_sequence) for d in dead] == [("processing_failed", 1)]  # the failing one only
+
+
 async def test_notifier_crash_after_the_batch_commit_is_repaired_by_redelivery(
     provisioned_nats: str, make_database_url: MakeDatabaseUrl, catalog_path: Path, nc: NATS
 ) -> None:

@@ -17,6 +17,7 @@ pytestmark = pytest.mark.unit
 @dataclass
 class Meta:
     num_pending: int
+    num_delivered: int = 1
 
 
 @dataclass
@@ -65,6 +66,15 @@ async def test_nothing_within_idle_is_an_empty_batch_and_a_short_second_fetch_ke
     assert await next_batch(Script(TimeoutError()), 64, idle=0.5) == []
     sub = Script(msgs(3), TimeoutError())  # another replica took the waiting ones first
     assert [m.n for m in await next_batch(sub, 64, idle=0.5)] == [0]
+
+
+async def test_after_a_redelivery_a_full_batch_is_asked_for_briefly() -> None:
+    # Messages waiting for redelivery are not in num_pending: after a redelivered one, ask for a batch anyway.
+    sub = Script([Msg(0, Meta(0, num_delivered=3))], msgs(0, 0))
+    assert len(await next_batch(sub, 16, idle=1.0)) == 3
+    assert sub.calls == [(1, 1.0), (15, pull.REDELIVERY_LINGER)]
+    alone = Script([Msg(0, Meta(0, num_delivered=2))], TimeoutError())
+    assert len(await next_batch(alone, 16, idle=1.0)) == 1
 
 
 def test_waiting_after_reads_the_metadata_and_tolerates_its_absence() -> None:
