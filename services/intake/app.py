@@ -13,13 +13,14 @@ from typing import Any
 import nats
 from fastapi import FastAPI
 from faststream.nats import NatsBroker
-from faststream.nats.prometheus import NatsPrometheusMiddleware
+from faststream.prometheus import PrometheusMiddleware
 from nats.aio.client import Client as NATSClient
 from nats.js.errors import NotFoundError
 from opentelemetry.sdk.trace import TracerProvider
 from prometheus_client import CollectorRegistry, Counter, make_asgi_app
 from starlette.responses import JSONResponse
 
+from libs.contracts.broker_metrics import bounded_labels
 from libs.contracts.publishing import jetstream_publish_many, sequential_publish_many
 from libs.contracts.pull import prompt_pull
 from libs.contracts.subjects import CONSUMER_ADVISORIES, CONSUMER_INTAKE, STREAM_ADVISORIES, STREAM_IN
@@ -62,7 +63,9 @@ def create_app(settings: IntakeSettings, *, tracer_provider: TracerProvider | No
 
     nats_options = settings.nats_options()  # this service's NATS login (docs/security.md)
     # Spans are made by Baton itself (libs/contracts/tracing.py), not by FastStream's middleware.
-    middlewares = [NatsPrometheusMiddleware(registry=registry, app_name=SERVICE_NAME)]
+    middlewares = [
+        PrometheusMiddleware(settings_provider_factory=bounded_labels, registry=registry, app_name=SERVICE_NAME)
+    ]
     # Two connections: ``broker`` publishes (HTTP API, canonical log) in every replica; ``consumer``
     # runs the BATON_IN subscription, started only in the replica that holds the intake lease.
     broker = NatsBroker(

@@ -23,7 +23,7 @@ from fastapi import Depends, FastAPI, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
 from faststream import BaseMiddleware
 from faststream.nats import NatsBroker
-from faststream.nats.prometheus import NatsPrometheusMiddleware
+from faststream.prometheus import PrometheusMiddleware
 from nats.js.errors import NotFoundError
 from opentelemetry.sdk.trace import TracerProvider
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_asgi_app
@@ -37,6 +37,7 @@ from starlette.responses import (
     StreamingResponse,
 )
 
+from libs.contracts.broker_metrics import bounded_labels
 from libs.contracts.catalog import Catalog
 from libs.contracts.catalog_file import CatalogError, load_catalog
 from libs.contracts.envelope import ID_PATTERN, SLUG_PATTERN
@@ -272,7 +273,7 @@ def create_app(
         graceful_timeout=settings.graceful_timeout,
         log_level=logging.DEBUG,
         middlewares=[
-            NatsPrometheusMiddleware(registry=registry, app_name=SERVICE_NAME),
+            PrometheusMiddleware(settings_provider_factory=bounded_labels, registry=registry, app_name=SERVICE_NAME),
         ],
     )
     database = db.Database(settings.database_url)

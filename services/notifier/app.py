@@ -14,13 +14,14 @@ import nats
 from fastapi import FastAPI, HTTPException, Path
 from faststream import BaseMiddleware
 from faststream.nats import NatsBroker
-from faststream.nats.prometheus import NatsPrometheusMiddleware
+from faststream.prometheus import PrometheusMiddleware
 from nats.js.errors import NotFoundError
 from opentelemetry.sdk.trace import TracerProvider
 from prometheus_client import CollectorRegistry, Counter, make_asgi_app
 from starlette.responses import JSONResponse
 
 from libs.contracts import Catalog
+from libs.contracts.broker_metrics import bounded_labels
 from libs.contracts.catalog_file import load_catalog
 from libs.contracts.envelope import ID_PATTERN
 from libs.contracts.publishing import jetstream_publish_many, sequential_publish_many
@@ -134,7 +135,7 @@ def create_app(
         graceful_timeout=settings.graceful_timeout,
         log_level=logging.DEBUG,
         middlewares=[
-            NatsPrometheusMiddleware(registry=registry, app_name=SERVICE_NAME),
+            PrometheusMiddleware(settings_provider_factory=bounded_labels, registry=registry, app_name=SERVICE_NAME),
         ],
     )
     database = db.Database(settings.database_url)
