@@ -54,14 +54,16 @@ async def next_batch(subscription: PullSubscription, batch: int, idle: float) ->
         return []
     if batch < 2 or not messages:
         return messages
+    # The second fetch is only for company: whatever it raises (a timeout, the connection lost), the messages
+    # already in hand are handed over rather than left to wait out their ack wait.
     waiting = waiting_after(messages[-1])
     if waiting > 0:
-        with contextlib.suppress(TimeoutError):
+        with contextlib.suppress(Exception):
             messages += await subscription.fetch(batch=min(batch - 1, waiting), timeout=LINGER)
     elif redelivered(messages[-1]):
         # ``num_pending`` does not count messages waiting for redelivery (after a nak or an outage): ask for them
         # anyway, briefly, so that a backlog of redeliveries is handled in batches too.
-        with contextlib.suppress(TimeoutError):
+        with contextlib.suppress(Exception):
             messages += await subscription.fetch(batch=batch - 1, timeout=REDELIVERY_LINGER)
     return messages
 

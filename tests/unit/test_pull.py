@@ -66,6 +66,8 @@ async def test_nothing_within_idle_is_an_empty_batch_and_a_short_second_fetch_ke
     assert await next_batch(Script(TimeoutError()), 64, idle=0.5) == []
     sub = Script(msgs(3), TimeoutError())  # another replica took the waiting ones first
     assert [m.n for m in await next_batch(sub, 64, idle=0.5)] == [0]
+    broken = Script(msgs(3), ConnectionError("connection lost"))  # the first message is still handed over
+    assert [m.n for m in await next_batch(broken, 64, idle=0.5)] == [0]
 
 
 async def test_after_a_redelivery_a_full_batch_is_asked_for_briefly() -> None:
