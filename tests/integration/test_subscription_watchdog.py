@@ -91,14 +91,22 @@ async def test_a_stalled_subscription_is_restarted_and_a_live_one_is_not(
             sub.lock.release()
         assert not watchdog.busy()
 
-        # Stalled: the server forgets the inbox; the pull loop goes on fetching into the void.
-        inbox: Any = sub.subscription._sub
-        await broker.connection._send_command(b"UNSUB %d\r\n" % inbox._id)
-        await broker.connection.flush()
-        await publish_event(nc, 1)
-        await asyncio.sleep(1.0)
-        info = await nc.jetstream().consumer_info(STREAM_EVENTS, CONSUMER_METRICS)
-        assert info.num_pending or info.num_ack_pending, "the stall was not reproduced: the event got through"
+        # Stalled: the server forgets the inbox; the pull loop goes on fetching into the void. Once in a full CI
+        # run (1 in 4 runs at most, never alone in 12) the event still got through, no restart logged; the cause
+        # is not known, so the stall is made again with the next event (at most 3 tries, each printed).
+        tries: list[str] = []
+        for index in (1, 2, 3):
+            inbox: Any = sub.subscription._sub
+            await broker.connection._send_command(b"UNSUB %d\r\n" % inbox._id)
+            await broker.connection.flush()
+            await publish_event(nc, index)
+            await asyncio.sleep(1.0)
+            info = await nc.jetstream().consumer_info(STREAM_EVENTS, CONSUMER_METRICS)
+            tries.append(f"pending={info.num_pending} ack_pending={info.num_ack_pending} waiting={info.num_waiting}")
+            if info.num_pending or info.num_ack_pending:
+                break
+        print(f"\nstall attempts: {tries}")
+        assert info.num_pending or info.num_ack_pending, f"the stall was not reproduced: {tries}"
 
         assert await watchdog.check(), "a stalled subscription was not restarted"
         recovered = await drained(nc, within=60)  # an event lost in the void comes back after ack_wait
