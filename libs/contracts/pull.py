@@ -70,17 +70,19 @@ async def next_batch(subscription: PullSubscription, batch: int, idle: float) ->
 
 def redelivered(message: Any) -> bool:
     """Was ``message`` delivered before (its JetStream metadata); False if unknown."""
-    try:
-        return int(message.metadata.num_delivered or 0) > 1
-    except (AttributeError, TypeError, ValueError):
-        return False
+    return _metadata(message, "num_delivered") > 1
 
 
 def waiting_after(message: Any) -> int:
     """How many messages the consumer still had for delivery after ``message`` (its JetStream metadata), 0 if
     unknown."""
+    return _metadata(message, "num_pending")
+
+
+def _metadata(message: Any, field: str) -> int:
+    """A count from a message's JetStream metadata (nats-py's ``Msg.metadata``), at least 0; 0 when absent."""
     try:
-        return max(0, int(message.metadata.num_pending or 0))
+        return max(0, int(getattr(message.metadata, field) or 0))
     except (AttributeError, TypeError, ValueError):
         return 0
 

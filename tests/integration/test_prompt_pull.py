@@ -61,7 +61,11 @@ async def test_a_lone_message_is_handed_over_at_once_and_waiting_ones_together(n
         await wait_for(1, 10)
         assert batches[0] == [0, 1, 2, 3, 4], batches  # every waiting message in one batch, in order
 
-        await asyncio.sleep(0.5)  # the loop is now in its idle long poll
+        # Wait until the loop is in its idle long poll: the consumer holds its pull request.
+        deadline = time.monotonic() + 10
+        while not (await js.consumer_info("PROMPT", "prompt")).num_waiting:
+            assert time.monotonic() < deadline, "the loop never waited for a message"
+            await asyncio.sleep(0.02)
         await js.publish("prompt.5", b"5", stream="PROMPT")
         seconds = await wait_for(2, IDLE / 3)  # well under what the fill-or-timeout loop would wait
         print(f"lone message handed over after {seconds * 1000:.1f} ms (idle long poll {IDLE:.0f} s)")
