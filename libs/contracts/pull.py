@@ -95,8 +95,10 @@ async def pull_forever(
     batch: int,
     idle: float,
     name: str = "",
+    on_batch: Callable[[], None] | None = None,
 ) -> None:
-    """Fetch with :func:`next_batch` and hand every non-empty batch to ``consume`` while ``running()``."""
+    """Fetch with :func:`next_batch` and hand every non-empty batch to ``consume`` while ``running()``
+    (``on_batch`` is called just before: the stall watchdog's sign of life)."""
     last_warning = 0.0
     while running():
         sub = subscription()
@@ -115,17 +117,20 @@ async def pull_forever(
             await asyncio.sleep(ERROR_PAUSE)
             continue
         if messages and running():
+            if on_batch is not None:
+                on_batch()
             await consume(messages)
 
 
-def prompt_pull(subscriber: Any, *, idle: float) -> None:
-    """Give a FastStream batch pull subscriber (``PullSub(batch=True)``) the prompt loop instead of its own.
+def prompt_pull(subscriber: Any, *, idle: float, on_batch: Callable[[], None] | None = None) -> bool:
+    """Give a FastStream batch pull subscriber (``PullSub(batch=True)``) the prompt loop instead of its own;
+    whether it did (only batch subscribers are changed).
 
     FastStream starts ``subscriber._consume_pull`` as the subscription's task on every start (and restarts it
-    if it fails); the instance attribute set here takes its place. Only batch subscribers are changed."""
+    if it fails); the instance attribute set here takes its place."""
     pull_sub = getattr(subscriber, "pull_sub", None)
     if pull_sub is None or not getattr(pull_sub, "batch", False) or not hasattr(subscriber, "_consume_pull"):
-        return
+        return False
     size = int(pull_sub.batch_size)
     name = f"{getattr(getattr(subscriber, 'stream', None), 'name', '?')}/{subscriber.extra_options.get('durable')}"
 
@@ -137,6 +142,8 @@ def prompt_pull(subscriber: Any, *, idle: float) -> None:
             batch=size,
             idle=idle,
             name=name,
+            on_batch=on_batch,
         )
 
     subscriber._consume_pull = consume_pull
+    return True

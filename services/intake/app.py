@@ -26,6 +26,7 @@ from libs.contracts.pull import prompt_pull
 from libs.contracts.subjects import CONSUMER_ADVISORIES, CONSUMER_INTAKE, STREAM_ADVISORIES, STREAM_IN
 from libs.contracts.tokens import TokenRegistry
 from libs.contracts.tracing import make_tracer_provider, send_span
+from libs.contracts.watchdog import busy
 
 from . import api, db
 from .advisories import AdvisoryProcessor, build_advisory_router, jetstream_getter
@@ -264,7 +265,7 @@ class ConsumerGate:
             await asyncio.sleep(every)
             if not self.is_open or time.monotonic() - max(self.last_handled, self.opened_at) < stalled_after:
                 continue
-            if any(_busy(sub) for sub in self.consumer.subscribers):
+            if any(busy(sub) for sub in self.consumer.subscribers):
                 continue  # a batch in hand (maybe a long in-place retry): not stalled
             try:
                 info = await nc.jetstream(timeout=2).consumer_info(STREAM_IN, CONSUMER_INTAKE)
@@ -300,11 +301,6 @@ class ConsumerGate:
                     log.warning("intake: stopping the BATON_IN subscription failed", exc_info=True)
                     with contextlib.suppress(Exception):
                         sub.subscription = None  # type: ignore[attr-defined]
-
-
-def _busy(subscriber: object) -> bool:
-    """Is the subscriber handling a batch? (FastStream's MultiLock holds one entry per message in hand.)"""
-    return bool(getattr(getattr(subscriber, "lock", None), "qsize", 0))  # a property, like ``empty``
 
 
 async def _drain_outbox(processor: IntakeProcessor, interval: float) -> None:

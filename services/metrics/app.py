@@ -21,7 +21,6 @@ from urllib.parse import parse_qs, quote
 import nats
 from fastapi import Depends, FastAPI, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
-from faststream import BaseMiddleware
 from faststream.nats import NatsBroker
 from faststream.prometheus import PrometheusMiddleware
 from nats.js.errors import NotFoundError
@@ -42,10 +41,9 @@ from libs.contracts.catalog import Catalog
 from libs.contracts.catalog_file import CatalogError, load_catalog
 from libs.contracts.envelope import ID_PATTERN, SLUG_PATTERN
 from libs.contracts.publishing import jetstream_publish_many, sequential_publish_many
-from libs.contracts.pull import prompt_pull
 from libs.contracts.subjects import CONSUMER_METRICS, STREAM_EVENTS
 from libs.contracts.tracing import make_tracer_provider, send_span
-from libs.contracts.watchdog import StallWatchdog, watch
+from libs.contracts.watchdog import watch, watch_subscriptions
 
 from . import db, pages
 from .access import COOKIE, Access, Viewer, safe_next
@@ -195,63 +193,6 @@ Dept = Annotated[str, Path(pattern=SLUG_PATTERN)]
 WindowQ = Annotated[str | None, Query(pattern=r"^[0-9dhm ]{1,16}$", description="e.g. 7d, 30d, 12h")]
 
 
-def watch_subscriptions(broker: NatsBroker, registry: CollectorRegistry) -> list[StallWatchdog]:
-    """A stall watchdog (libs/contracts/watchdog.py) for each of the broker's pull subscriptions.
-
-    A middleware marks every batch handed to a handler (the sign of life); a restart stops and starts the
-    FastStream subscriber (a new inbox and new pull requests), logs a warning and counts it."""
-    resubscriptions = Counter(
-        f"baton_{SERVICE_NAME.removeprefix('baton-')}_resubscriptions",
-        "Pull subscriptions restarted by the stall watchdog (messages waited, none was handled).",
-        ["consumer"],
-        registry=registry,
-    )
-    watchdogs: dict[int, StallWatchdog] = {}
-
-    class SignOfLife(BaseMiddleware[Any, Any]):
-        async def on_receive(self) -> None:
-            watchdog = watchdogs.get(id(self.context.get_local("handler_")))
-            if watchdog is not None:
-                watchdog.alive()
-
-    def watchdog_for(sub: Any) -> StallWatchdog:
-        stream, durable = sub.stream.name, sub.extra_options["durable"]
-
-        async def backlog() -> tuple[int, int]:
-            info = await broker.connection.jetstream(timeout=2).consumer_info(stream, durable)
-            return info.num_pending or 0, info.num_ack_pending or 0
-
-        async def restart() -> None:
-            inbox = getattr(sub.subscription, "_sub", None)  # what the stalled inbox got: for the diagnosis
-            log.warning(
-                "resubscribing to %s/%s (connected to %s; the old inbox got %s messages, %s unread)",
-                stream,
-                durable,
-                broker.connection.connected_url,
-                getattr(inbox, "_received", "?"),
-                inbox._pending_queue.qsize() if inbox is not None else "?",
-            )
-            resubscriptions.labels(durable).inc()
-            try:
-                await sub.stop()
-            except Exception:  # NATS unreachable: the subscription went with the connection; subscribe afresh
-                log.warning("stopping the %s/%s subscription failed", stream, durable, exc_info=True)
-                sub.subscription = None
-            await sub.start()
-
-        return StallWatchdog(f"{stream}/{durable}", backlog=backlog, busy=lambda: _busy(sub), restart=restart)
-
-    for sub in broker.subscribers:
-        watchdogs[id(sub)] = watchdog_for(sub)
-    broker.add_middleware(SignOfLife)
-    return list(watchdogs.values())
-
-
-def _busy(subscriber: object) -> bool:
-    """Is the subscriber handling a batch? (FastStream's MultiLock holds one entry per message in hand.)"""
-    return bool(getattr(getattr(subscriber, "lock", None), "qsize", 0))  # a property, like ``empty``
-
-
 def create_app(
     settings: MetricsSettings,
     *,
@@ -332,9 +273,8 @@ def create_app(
             inbox_prefix=settings.subscriber_inbox_prefix(),
         )
     )
-    for sub in broker.subscribers:  # a batch handed over as soon as anything arrived (libs/contracts/pull.py)
-        prompt_pull(sub, idle=settings.fetch_timeout)
-    watchdogs = watch_subscriptions(broker, registry)
+    # A batch handed over as soon as anything arrived, and a stall watchdog per subscription (libs/contracts).
+    watchdogs = watch_subscriptions(broker, registry, "metrics", idle=settings.fetch_timeout)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:

@@ -14,7 +14,6 @@ from typing import Annotated, Any
 
 import nats
 from fastapi import FastAPI, HTTPException, Path
-from faststream import BaseMiddleware
 from faststream.nats import NatsBroker
 from faststream.prometheus import PrometheusMiddleware
 from nats.js.api import ConsumerConfig
@@ -27,7 +26,6 @@ from libs.contracts import Catalog, loads
 from libs.contracts.broker_metrics import bounded_labels
 from libs.contracts.envelope import ID_PATTERN
 from libs.contracts.publishing import jetstream_publish_many, sequential_publish_many
-from libs.contracts.pull import prompt_pull
 from libs.contracts.subjects import (
     CONSUMER_ROUTING,
     CONSUMER_ROUTING_TIMERS,
@@ -36,7 +34,7 @@ from libs.contracts.subjects import (
     request_events_filter,
 )
 from libs.contracts.tracing import make_tracer_provider, send_span
-from libs.contracts.watchdog import StallWatchdog, watch
+from libs.contracts.watchdog import watch, watch_subscriptions
 
 from . import db
 from .business_time import BusinessCalendar
@@ -64,63 +62,6 @@ async def require_consumer(
         raise RuntimeError(f"consumer {stream}/{durable} does not exist: run `baton provision` first") from exc
     finally:
         await nc.close()
-
-
-def watch_subscriptions(broker: NatsBroker, registry: CollectorRegistry) -> list[StallWatchdog]:
-    """A stall watchdog (libs/contracts/watchdog.py) for each of the broker's pull subscriptions.
-
-    A middleware marks every batch handed to a handler (the sign of life); a restart stops and starts the
-    FastStream subscriber (a new inbox and new pull requests), logs a warning and counts it."""
-    resubscriptions = Counter(
-        f"baton_{SERVICE_NAME.removeprefix('baton-')}_resubscriptions",
-        "Pull subscriptions restarted by the stall watchdog (messages waited, none was handled).",
-        ["consumer"],
-        registry=registry,
-    )
-    watchdogs: dict[int, StallWatchdog] = {}
-
-    class SignOfLife(BaseMiddleware[Any, Any]):
-        async def on_receive(self) -> None:
-            watchdog = watchdogs.get(id(self.context.get_local("handler_")))
-            if watchdog is not None:
-                watchdog.alive()
-
-    def watchdog_for(sub: Any) -> StallWatchdog:
-        stream, durable = sub.stream.name, sub.extra_options["durable"]
-
-        async def backlog() -> tuple[int, int]:
-            info = await broker.connection.jetstream(timeout=2).consumer_info(stream, durable)
-            return info.num_pending or 0, info.num_ack_pending or 0
-
-        async def restart() -> None:
-            inbox = getattr(sub.subscription, "_sub", None)  # what the stalled inbox got: for the diagnosis
-            log.warning(
-                "resubscribing to %s/%s (connected to %s; the old inbox got %s messages, %s unread)",
-                stream,
-                durable,
-                broker.connection.connected_url,
-                getattr(inbox, "_received", "?"),
-                inbox._pending_queue.qsize() if inbox is not None else "?",
-            )
-            resubscriptions.labels(durable).inc()
-            try:
-                await sub.stop()
-            except Exception:  # NATS unreachable: the subscription went with the connection; subscribe afresh
-                log.warning("stopping the %s/%s subscription failed", stream, durable, exc_info=True)
-                sub.subscription = None
-            await sub.start()
-
-        return StallWatchdog(f"{stream}/{durable}", backlog=backlog, busy=lambda: _busy(sub), restart=restart)
-
-    for sub in broker.subscribers:
-        watchdogs[id(sub)] = watchdog_for(sub)
-    broker.add_middleware(SignOfLife)
-    return list(watchdogs.values())
-
-
-def _busy(subscriber: object) -> bool:
-    """Is the subscriber handling a batch? (FastStream's MultiLock holds one entry per message in hand.)"""
-    return bool(getattr(getattr(subscriber, "lock", None), "qsize", 0))  # a property, like ``empty``
 
 
 def create_app(
@@ -218,9 +159,8 @@ def create_app(
             limit=limit,
         )
     )
-    for sub in broker.subscribers:  # a batch handed over as soon as anything arrived (libs/contracts/pull.py)
-        prompt_pull(sub, idle=settings.fetch_timeout)
-    watchdogs = watch_subscriptions(broker, registry)
+    # A batch handed over as soon as anything arrived, and a stall watchdog per subscription (libs/contracts).
+    watchdogs = watch_subscriptions(broker, registry, "routing", idle=settings.fetch_timeout)
 
     def check_catalog() -> None:
         had_error = watcher.last_error

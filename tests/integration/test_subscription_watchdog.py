@@ -73,11 +73,11 @@ async def test_a_stalled_subscription_is_restarted_and_a_live_one_is_not(
     watchdog.stalled_after = 0.5
     nc = await nats.connect(provisioned_nats)
     try:
-        # Live: the event is handled, the middleware marks it, nothing waits: no restart.
+        # Live: the event is handled, the pull loop marks it, nothing waits: no restart.
         before = watchdog.last_alive
         await publish_event(nc, 0)
         await drained(nc)
-        assert watchdog.last_alive > before, "the sign-of-life middleware never fired"
+        assert watchdog.last_alive > before, "the pull loop never marked a batch"
         await asyncio.sleep(0.6)
         assert not await watchdog.check()
 
