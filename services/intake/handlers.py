@@ -276,6 +276,7 @@ class IntakeProcessor:
             result.event_id,
             STREAM_EVENTS,
             otel_context.get_current(),
+            order_key=result.request_id,
         )
         return (Outcome.DUPLICATE if result.duplicate else Outcome.APPLIED), out, None
 

@@ -347,7 +347,10 @@ class NotifierProcessor:
             return _Decided(Result(Outcome.DEAD_LETTERED), [self._letter(msg, step.code, step.message, [], event)])
         if isinstance(step, _Gap):
             return self._wait_for_gap(msg, event, step.last_sequence)
-        outgoing = [Outgoing(p.subject, p.body, p.notification_id, STREAM_NOTIFY, context) for p in step.pending]
+        outgoing = [
+            Outgoing(p.subject, p.body, p.notification_id, STREAM_NOTIFY, context, order_key=event.request_id)
+            for p in step.pending
+        ]
         return _Decided(
             Result(Outcome.REPUBLISHED if step.replay else Outcome.APPLIED, published=len(step.pending)),
             outgoing,

@@ -370,7 +370,15 @@ class RoutingProcessor:
             if d.letter is not None:
                 outgoing.append(d.letter)
             outgoing.extend(
-                Outgoing(EMIT_SUBJECTS[r.event_type], r.body.encode(), r.event_id, STREAM_IN, d.context) for r in d.rows
+                Outgoing(
+                    EMIT_SUBJECTS[r.event_type],
+                    r.body.encode(),
+                    r.event_id,
+                    STREAM_IN,
+                    d.context,
+                    order_key=r.request_id,
+                )
+                for r in d.rows
             )
             if d.outcome in (Outcome.ROUTED, Outcome.APPLIED):
                 new_rows.extend(d.rows)
@@ -586,7 +594,9 @@ class RoutingProcessor:
         subject = timer_schedule_subject(
             spec.request_id, spec.department, spec.clock.value, spec.episode, spec.kind.value
         )
-        return Outgoing(subject, dumps(body), "", STREAM_TIMERS, context, schedule_headers(spec))
+        return Outgoing(
+            subject, dumps(body), "", STREAM_TIMERS, context, schedule_headers(spec), order_key=spec.request_id
+        )
 
     async def _schedule(self, spec: TimerSpec) -> None:
         assert self.schedule is not None
