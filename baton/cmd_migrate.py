@@ -26,6 +26,7 @@ from sqlalchemy import inspect
 from sqlalchemy.engine import make_url
 
 from libs import migrations as schema
+from libs.contracts.database import make_engine
 
 SERVICES = ("intake", "routing", "notifier", "metrics")
 
@@ -64,7 +65,7 @@ class Target:
         return result
 
     def make_engine(self) -> Any:
-        return importlib.import_module(f"services.{self.service}.db").make_engine(self.url)
+        return make_engine(self.url)
 
     @property
     def shown_url(self) -> str:

@@ -8,15 +8,14 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Collection
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any, overload
 
-from sqlalchemy import JSON, DateTime, Integer, String, Text, UniqueConstraint, delete, event, select, update
-from sqlalchemy.engine import make_url
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
+from sqlalchemy import JSON, DateTime, Integer, String, Text, UniqueConstraint, delete, select, update
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from libs import migrations as schema
+from libs.contracts.database import inline_statements, make_engine
 
 from .domain import RequestState, State
 from .migrations import migrations
@@ -121,29 +120,6 @@ def aware(value: datetime | None) -> datetime | None:
     return value
 
 
-def make_engine(url: str) -> AsyncEngine:
-    """An engine for ``url``; for SQLite the parent folder is created and WAL mode enabled."""
-    parsed = make_url(url)
-    if parsed.get_backend_name() == "sqlite":
-        if parsed.database and parsed.database != ":memory:":
-            Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
-        engine = create_async_engine(url, connect_args={"timeout": 30})
-
-        @event.listens_for(engine.sync_engine, "connect")
-        def _pragmas(dbapi_conn: Any, _record: Any) -> None:
-            cur = dbapi_conn.cursor()
-            cur.execute("PRAGMA journal_mode=WAL")
-            # FULL: a commit is on disk before the message is acked, also across a power loss (NORMAL under WAL
-            # survives a process crash only). Costs one fsync per commit, i.e. per fetched batch: see
-            # docs/performance.md ("Durability").
-            cur.execute("PRAGMA synchronous=FULL")
-            cur.execute("PRAGMA busy_timeout=30000")
-            cur.close()
-
-        return engine
-    return create_async_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5)
-
-
 async def create_schema(engine: AsyncEngine, *, migrate: bool = True) -> None:
     """Migrate the database to head (services/intake/migrations), or with ``migrate=False`` only check
     that it is there. Safe when several replicas start at once (libs.migrations locks the upgrade)."""
@@ -169,8 +145,10 @@ class Database:
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[AsyncSession]:
-        async with self.sessions() as session, session.begin():
-            yield session
+        """A write transaction; on SQLite its statements run on the event loop (libs/contracts/database.py)."""
+        with inline_statements():
+            async with self.sessions() as session, session.begin():
+                yield session
 
     async def ping(self) -> bool:
         async with self.engine.connect() as conn:

@@ -15,17 +15,16 @@ import asyncio
 from collections.abc import AsyncIterator, Collection, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 import orjson
-from sqlalchemy import BigInteger, Boolean, DateTime, Integer, String, Text, event, select, update
-from sqlalchemy.engine import make_url
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
+from sqlalchemy import BigInteger, Boolean, DateTime, Integer, String, Text, select, update
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from libs import migrations as schema
 from libs.contracts import Envelope, Priority, dumps
+from libs.contracts.database import inline_statements, make_engine
 from libs.contracts.events import DelayReasonCode, SlaClock
 
 from .migrations import migrations
@@ -161,29 +160,6 @@ def _dt(value: Any) -> datetime | None:
     return datetime.fromisoformat(value) if isinstance(value, str) else None
 
 
-def make_engine(url: str) -> AsyncEngine:
-    """An engine for ``url``; for SQLite the parent folder is created and WAL mode enabled."""
-    parsed = make_url(url)
-    if parsed.get_backend_name() == "sqlite":
-        if parsed.database and parsed.database != ":memory:":
-            Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
-        engine = create_async_engine(url, connect_args={"timeout": 30})
-
-        @event.listens_for(engine.sync_engine, "connect")
-        def _pragmas(dbapi_conn: Any, _record: Any) -> None:
-            cur = dbapi_conn.cursor()
-            cur.execute("PRAGMA journal_mode=WAL")
-            # FULL: a commit is on disk before the message is acked, also across a power loss (NORMAL under WAL
-            # survives a process crash only). Costs one fsync per commit, i.e. per fetched batch: see
-            # docs/performance.md ("Durability").
-            cur.execute("PRAGMA synchronous=FULL")
-            cur.execute("PRAGMA busy_timeout=30000")
-            cur.close()
-
-        return engine
-    return create_async_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5)
-
-
 class Database:
     """The engine plus a session factory; one per service process.
 
@@ -212,12 +188,14 @@ class Database:
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[AsyncSession]:
-        if self._lock is None:
-            async with self.sessions() as session, session.begin():
+        """A write transaction; on SQLite its statements run on the event loop (libs/contracts/database.py)."""
+        with inline_statements():
+            if self._lock is None:
+                async with self.sessions() as session, session.begin():
+                    yield session
+                return
+            async with self._lock, self.sessions() as session, session.begin():
                 yield session
-            return
-        async with self._lock, self.sessions() as session, session.begin():
-            yield session
 
     async def ping(self) -> bool:
         async with self.engine.connect() as conn:

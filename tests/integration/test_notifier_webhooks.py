@@ -335,10 +335,11 @@ async def test_a_database_from_before_this_change_gains_the_new_columns(make_dat
     and migration 0002 adds them (nullable), data intact."""
     from sqlalchemy import inspect, text
 
+    from libs.contracts.database import make_engine
     from services.notifier import db
 
     url = make_database_url("old_notifier")
-    engine = db.make_engine(url)
+    engine = make_engine(url)
     async with engine.begin() as conn:
         await conn.execute(
             text(
