@@ -7,10 +7,11 @@ SQLite itself: a session statement took about 450 µs of CPU through the thread 
 the same micro-benchmark (docs/performance.md, "SQLite on the event loop").
 
 ``LoopConnection`` therefore runs the calls on the event loop while ``inline_statements()`` is active, which
-each service's ``Database.transaction()`` turns on: the write transactions of the consumers, timers and
-API, made of small statements on indexed keys. It keeps in the thread:
+each service's ``Database.transaction()`` turns on: the transactions of the consumers, timers and API, made
+of small statements on indexed keys. It keeps in the thread:
 
-* every call outside ``inline_statements()`` (HTTP reads, which may scan many rows);
+* every call outside ``inline_statements()``: reads that may scan many rows (metrics' dashboards, scorecards
+  and exports use ``Database.reading()``, which does not turn it on);
 * every COMMIT: with ``synchronous=FULL`` it waits for an fsync, which must not stop the loop;
 * a statement that finds the database locked by another process (``SQLITE_BUSY``). On the loop the busy
   timeout is 0, so the statement fails at once without any effect; it is then run again in the thread

@@ -169,7 +169,7 @@ class BusinessMetrics:
             log.warning("could not update business metrics", exc_info=True)
 
     async def refresh_open(self) -> None:
-        async with self.database.transaction() as session:
+        async with self.database.reading() as session:
             counts = await db.open_by_holder(session)
         for dept in self._departments | set(counts):
             self.open.labels(dept).set(counts.get(dept, 0))

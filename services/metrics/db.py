@@ -126,6 +126,13 @@ class Database:
             async with self.sessions() as session, session.begin():
                 yield session
 
+    @asynccontextmanager
+    async def reading(self) -> AsyncIterator[AsyncSession]:
+        """A session for reads that may scan many rows (dashboards, scorecards, exports, the open-requests
+        gauge): on SQLite its statements stay in aiosqlite's thread, off the event loop."""
+        async with self.sessions() as session, session.begin():
+            yield session
+
     async def ping(self) -> bool:
         async with self.engine.connect() as conn:
             await conn.exec_driver_sql("SELECT 1")

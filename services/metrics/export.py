@@ -18,7 +18,7 @@ async def export(database_url: str, *, window: str, end: datetime, fmt: str, cat
     database = db.Database(database_url)
     try:
         await database.start()
-        async with database.transaction() as session:
+        async with database.reading() as session:
             facts = await db.load_facts(session, since=span.start)
     finally:
         await database.close()

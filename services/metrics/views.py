@@ -68,7 +68,7 @@ class Reader:
         return Window.ending(self.clock(), length)
 
     async def facts(self, window: Window) -> list[RequestFacts]:
-        async with self.db.transaction() as session:
+        async with self.db.reading() as session:
             return await db.load_facts(session, since=window.start)
 
     async def scorecards(self, window: Window) -> tuple[Scorecards, dict[str, Trend], ServiceMap]:
@@ -85,21 +85,21 @@ class Reader:
         if viewer.sees_everything:
             return True
         assert viewer.department is not None
-        async with self.db.transaction() as session:
+        async with self.db.reading() as session:
             return await db.is_party(session, request_id, viewer.department)
 
     async def visible(self, viewer: Viewer, request_ids: list[str]) -> set[str]:
         if viewer.sees_everything:
             return set(request_ids)
         assert viewer.department is not None
-        async with self.db.transaction() as session:
+        async with self.db.reading() as session:
             return await db.party_requests(session, viewer.department, request_ids)
 
     async def request(self, viewer: Viewer, request_id: str) -> RequestView | None:
         """The request as the viewer may see it; None when unknown *or* not visible (indistinguishable)."""
         if not await self.can_see(viewer, request_id):
             return None
-        async with self.db.transaction() as session:
+        async with self.db.reading() as session:
             rows = await db.request_events(session, request_id)
             facts = await db.facts_of(session, request_id)
         if not rows:
@@ -110,7 +110,7 @@ class Reader:
 
     async def recent(self, viewer: Viewer, department: str | None, limit: int) -> list[RequestSummary]:
         party = None if viewer.sees_everything else viewer.department
-        async with self.db.transaction() as session:
+        async with self.db.reading() as session:
             if party is not None and department is not None and department != party:
                 ids = await db.recent_requests(session, department, 1000)
                 ids = sorted(await db.party_requests(session, party, ids), key=ids.index)[:limit]
@@ -166,6 +166,6 @@ class Reader:
 
     async def live(self) -> dict[str, object]:
         """A cheap fingerprint of the projection: pages poll it and refresh when it changes."""
-        async with self.db.transaction() as session:
+        async with self.db.reading() as session:
             count, last = await db.fingerprint(session)
         return {"events": count, "last_projected_at": last.isoformat() if last else None}

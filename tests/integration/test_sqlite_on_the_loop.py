@@ -58,9 +58,9 @@ async def test_statements_run_on_the_loop_only_inside_inline_statements_and_comm
 
         async with engine.connect() as conn:
             assert (await conn.execute(text("SELECT count(*) FROM t"))).scalar() == 1
-        assert [tid for sql, tid in seen if sql == "SELECT"] and all(
-            tid != loop_thread for sql, tid in seen if sql == "SELECT"
-        ), "a read outside inline_statements() runs in the worker thread"
+        selects = [tid for sql, tid in seen if sql == "SELECT"]
+        assert selects
+        assert loop_thread not in selects, "a read outside inline_statements() runs in the worker thread"
     finally:
         await engine.dispose()
 
@@ -122,11 +122,43 @@ async def test_an_error_inside_an_inline_transaction_rolls_it_back(tmp_path: Pat
     try:
         async with engine.begin() as conn:
             await conn.execute(text("CREATE TABLE t (id INTEGER PRIMARY KEY)"))
-        with inline_statements(), pytest.raises(Exception, match="UNIQUE"):
-            async with engine.begin() as conn:
-                await conn.execute(text("INSERT INTO t (id) VALUES (1)"))
-                await conn.execute(text("INSERT INTO t (id) VALUES (1)"))
+
+        async def twice() -> None:
+            with inline_statements():
+                async with engine.begin() as conn:
+                    await conn.execute(text("INSERT INTO t (id) VALUES (1)"))
+                    await conn.execute(text("INSERT INTO t (id) VALUES (1)"))
+
+        with pytest.raises(Exception, match="UNIQUE"):
+            await twice()
         async with engine.connect() as conn:
             assert (await conn.execute(text("SELECT count(*) FROM t"))).scalar() == 0
     finally:
         await engine.dispose()
+
+
+async def test_metrics_dashboard_reads_stay_off_the_loop_and_its_transactions_on_it(tmp_path: Path) -> None:
+    from services.metrics import db
+
+    database = db.Database(f"sqlite+aiosqlite:///{tmp_path / 'metrics.db'}")
+    await database.start()
+    seen: list[tuple[str, int]] = []
+
+    @event.listens_for(database.engine.sync_engine, "connect")
+    def _trace(dbapi_conn: Any, _record: Any) -> None:
+        raw: sqlite3.Connection = dbapi_conn.driver_connection._conn
+        raw.set_trace_callback(lambda sql: seen.append((sql.split()[0].upper(), threading.get_ident())))
+
+    await database.engine.dispose()  # the next connections are traced
+    loop_thread = threading.get_ident()
+    try:
+        async with database.reading() as session:
+            await db.open_by_holder(session)
+        assert seen
+        assert loop_thread not in [tid for sql, tid in seen if sql == "SELECT"]
+        seen.clear()
+        async with database.transaction() as session:
+            await db.open_by_holder(session)
+        assert {tid for sql, tid in seen if sql == "SELECT"} == {loop_thread}
+    finally:
+        await database.close()
