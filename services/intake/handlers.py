@@ -207,7 +207,7 @@ class IntakeProcessor:
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         publish_many: PublishMany | None = None,
     ) -> None:
-        """``publish_many`` sends a batch's canonical events with one PubAck window (default: ``publish`` one by
+        """``publish_many`` sends a batch's canonical events in waves (publishing.py) (default: ``publish`` one by
         one)."""
         self.db = database
         self._publish = publish
@@ -228,7 +228,7 @@ class IntakeProcessor:
         self, msgs: Sequence[Inbound], span: SpanFactory, *, active: Callable[[], bool] = lambda: True
     ) -> list[Outcome]:
         """Every message of a fetched batch in one transaction, committed once; then every canonical event
-        published in order with one PubAck window; then the refusals (recorded, dead-lettered and notified one
+        published in order in waves (publishing.py); then the refusals (recorded, dead-lettered and notified one
         by one, as :meth:`process` does). Returns one outcome per message, in order; the caller acks only after
         this returned.
 
@@ -616,7 +616,7 @@ def build_router(
     async def on_inbound(body: list[bytes], msg: NatsMessage) -> None:
         raws: list[Msg] = cast("list[Msg]", msg.raw_message)
         inbounds = [to_inbound(raw) for raw in raws]
-        # Several messages: one transaction, the canonical events published with one PubAck window, then the
+        # Several messages: one transaction, the canonical events published in waves (publishing.py), then the
         # acks (a batch of one goes straight to the per-message path below).
         if len(raws) > 1 and active():
             try:

@@ -127,7 +127,7 @@ class MetricsProcessor:
         """``observe(event_type, outcome)`` is called once per processed message (for Prometheus);
         ``on_facts(before, after)`` once per committed change of a request's facts (a batch with several
         events of one request reports one change: the facts before the batch and after it);
-        ``publish_many`` sends a batch's dead letters with one PubAck window (default: ``publish`` one by one)."""
+        ``publish_many`` sends a batch's dead letters in waves (publishing.py) (default: ``publish`` one by one)."""
         self.db = database
         self._publish = publish
         self.publish_many = publish_many or sequential_publish_many(publish)
@@ -306,7 +306,7 @@ def build_router(
     async def on_events(body: list[bytes], msg: NatsMessage) -> None:
         raws: list[Msg] = cast("list[Msg]", msg.raw_message)
         inbounds = [to_inbound(raw) for raw in raws]
-        # Several messages: one transaction, the dead letters published with one PubAck window, then the acks
+        # Several messages: one transaction, the dead letters published in waves (publishing.py), then the acks
         # (a batch of one goes straight to the per-message path below).
         if len(raws) > 1:
             try:

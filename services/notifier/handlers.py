@@ -254,7 +254,7 @@ class NotifierProcessor:
         on_deliveries: Callable[[], None] | None = None,
         publish_many: PublishMany | None = None,
     ) -> None:
-        """``publish_many`` sends a batch's effects with one PubAck window (default: ``publish`` one by one)."""
+        """``publish_many`` sends a batch's effects in waves (publishing.py) (default: ``publish`` one by one)."""
         self.on_deliveries = on_deliveries
         self.db = database
         self._publish = publish
@@ -612,7 +612,7 @@ def build_router(
     async def on_events(body: list[bytes], msg: NatsMessage) -> None:
         raws: list[Msg] = cast("list[Msg]", msg.raw_message)
         inbounds = [to_inbound(raw) for raw in raws]
-        # Several messages: one transaction, the effects published with one PubAck window, then the acks
+        # Several messages: one transaction, the effects published in waves (publishing.py), then the acks
         # (a batch of one goes straight to the per-message path below).
         if len(raws) > 1:
             try:

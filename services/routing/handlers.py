@@ -269,7 +269,7 @@ class RoutingProcessor:
         publish_many: PublishMany | None = None,
         schedule_many: PublishMany | None = None,
     ) -> None:
-        """``publish_many`` / ``schedule_many`` send a batch's events / timer schedules with one PubAck window
+        """``publish_many`` / ``schedule_many`` send a batch's events / timer schedules in waves (publishing.py)
         (default: ``publish`` / ``schedule`` one by one)."""
         self.db = database
         self.catalog = catalog  # replaced by the app when the catalog file changes
@@ -565,7 +565,7 @@ class RoutingProcessor:
 
     async def arm_requests(self, requests: dict[str, otel_context.Context]) -> int:
         """Schedule the timers of every dirty clock of these requests (each schedule in the trace context
-        given for its request), with one PubAck window; returns how many were sent."""
+        given for its request), in waves (publishing.py); returns how many were sent."""
         if self.schedule is None or not requests:
             return 0
         async with self.db.transaction() as session:
@@ -787,7 +787,7 @@ def build_router(
     async def on_event(body: list[bytes], msg: NatsMessage) -> None:
         raws: list[Msg] = cast("list[Msg]", msg.raw_message)
         inbounds = [to_inbound(raw) for raw in raws]
-        # Several messages: one transaction, the effects published with one PubAck window, then the acks
+        # Several messages: one transaction, the effects published in waves (publishing.py), then the acks
         # (a batch of one goes straight to the per-message path below).
         if len(raws) > 1:
             try:
