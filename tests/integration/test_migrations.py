@@ -25,7 +25,7 @@ from tests.conftest import MakeDatabaseUrl
 pytestmark = pytest.mark.integration
 
 SERVICES = ["intake", "routing", "notifier", "metrics"]
-HEADS = {"intake": "0002", "routing": "0002", "notifier": "0002", "metrics": "0001"}
+HEADS = {"intake": "0002", "routing": "0002", "notifier": "0002", "metrics": "0002"}
 
 
 def service(name: str) -> tuple[Any, schema.Migrations]:
