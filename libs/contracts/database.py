@@ -3,7 +3,7 @@
 aiosqlite runs each DB-API call in the connection's own thread: the call is queued, the thread wakes and
 runs it, then wakes the event loop through its self-pipe. SQLAlchemy makes up to four such calls per
 statement (cursor, execute, fetchall, close), and for a small indexed statement the hand-offs cost more than
-SQLite itself: a statement took about 330 µs of CPU through the thread and 110 µs on the loop
+SQLite itself: a statement took 300 to 400 µs of CPU through the thread and 105 to 125 µs on the loop
 (scripts/bench_sqlite_loop.py; docs/performance.md, "Waves and SQLite on the event loop").
 
 ``LoopConnection`` therefore runs the calls on the event loop while ``inline_statements()`` is active, which

@@ -18,6 +18,7 @@ from typing import Any
 
 from sqlalchemy import (
     BigInteger,
+    BindParameter,
     ColumnElement,
     DateTime,
     Index,
@@ -105,7 +106,9 @@ def _open_with_holder() -> ColumnElement[bool]:
     """An open request with a holder: the rows of the open-requests gauge. The same terms are the WHERE of the
     partial index ``ix_facts_open_holder`` and of ``open_by_holder``, with the states as literals: SQLite uses a
     partial index only for a query whose WHERE holds the index's terms, and a bound parameter does not match."""
-    terminal = bindparam("terminal_states", sorted(TERMINAL_STATES), expanding=True, literal_execute=True)
+    terminal: BindParameter[list[str]] = bindparam(
+        "terminal_states", sorted(TERMINAL_STATES), expanding=True, literal_execute=True
+    )
     return and_(FactsRow.holder.is_not(None), FactsRow.state.not_in(terminal))
 
 
@@ -373,7 +376,7 @@ async def party_requests(session: AsyncSession, department: str, request_ids: It
     return set((await session.execute(stmt)).scalars())
 
 
-def open_by_holder_statement() -> Select[tuple[str | None, int]]:
+def open_by_holder_statement() -> Select[str | None, int]:
     return select(FactsRow.holder, func.count()).where(_open_with_holder()).group_by(FactsRow.holder)
 
 

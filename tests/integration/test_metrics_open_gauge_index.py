@@ -43,6 +43,7 @@ async def test_open_requests_are_counted_per_holder_through_the_partial_index(
         if database.engine.dialect.name == "sqlite":
             async with database.reading() as session:
                 raw = (await (await session.connection()).get_raw_connection()).driver_connection
+                assert raw is not None
                 ran: list[str] = []
                 raw._conn.set_trace_callback(ran.append)  # the SQL exactly as SQLite runs it
                 await db.open_by_holder(session)
