@@ -141,11 +141,6 @@ class LeaseLost(RuntimeError):
     """This replica lost the consumer lease while it held a batch (services/intake/lease.py)."""
 
 
-def _request_of(out: Outgoing) -> str:
-    """The request id of a canonical event to publish (``baton.events.<request_id>.<type>``)."""
-    return out.subject.split(".")[2]
-
-
 def _ids_of(data: bytes) -> tuple[str | None, str | None]:
     """``(event_id, request_id)`` of a body, when it is a JSON object carrying them as strings."""
     try:
@@ -252,7 +247,7 @@ class IntakeProcessor:
                 raise LeaseLost("the consumer lease was lost while the batch was decided; rolled back")
         for _outcome, out, _refused in decisions:
             if out is not None:
-                failpoint(_request_of(out))  # test-only
+                failpoint(out.order_key)  # test-only
         await self.publish_many(dedupe([out for _o, out, _r in decisions if out is not None]))
         for msg, (_outcome, _out, refused) in zip(msgs, decisions, strict=True):
             if refused is not None:

@@ -18,12 +18,10 @@ from typing import Any
 
 from sqlalchemy import (
     BigInteger,
-    BindParameter,
     ColumnElement,
     DateTime,
     Index,
     Integer,
-    Select,
     String,
     Text,
     UniqueConstraint,
@@ -102,24 +100,17 @@ class FactsRow(Base):
     facts: Mapped[str] = mapped_column(Text)
 
 
-def _open_with_holder() -> ColumnElement[bool]:
-    """An open request with a holder: the rows of the open-requests gauge. The same terms are the WHERE of the
-    partial index ``ix_facts_open_holder`` and of ``open_by_holder``, with the states as literals: SQLite uses a
-    partial index only for a query whose WHERE holds the index's terms, and a bound parameter does not match."""
-    terminal: BindParameter[list[str]] = bindparam(
-        "terminal_states", sorted(TERMINAL_STATES), expanding=True, literal_execute=True
-    )
-    return and_(FactsRow.holder.is_not(None), FactsRow.state.not_in(terminal))
-
+#: An open request with a holder: the rows of the open-requests gauge. The same terms are the WHERE of the
+#: partial index ``ix_facts_open_holder`` and of ``open_by_holder``, with the states as literals: SQLite uses a
+#: partial index only for a query whose WHERE holds the index's terms, and a bound parameter does not match.
+_OPEN_WITH_HOLDER: ColumnElement[bool] = and_(
+    FactsRow.holder.is_not(None),
+    FactsRow.state.not_in(bindparam("terminal_states", sorted(TERMINAL_STATES), expanding=True, literal_execute=True)),
+)
 
 # The gauge recounts the open requests after every batch: through this index it reads the open ones only,
 # not every request ever made (migration 0002).
-Index(
-    "ix_facts_open_holder",
-    FactsRow.holder,
-    sqlite_where=_open_with_holder(),
-    postgresql_where=_open_with_holder(),
-)
+Index("ix_facts_open_holder", FactsRow.holder, sqlite_where=_OPEN_WITH_HOLDER, postgresql_where=_OPEN_WITH_HOLDER)
 
 
 async def create_schema(engine: AsyncEngine, *, migrate: bool = True) -> None:
@@ -376,13 +367,12 @@ async def party_requests(session: AsyncSession, department: str, request_ids: It
     return set((await session.execute(stmt)).scalars())
 
 
-def open_by_holder_statement() -> Select[str | None, int]:
-    return select(FactsRow.holder, func.count()).where(_open_with_holder()).group_by(FactsRow.holder)
+_OPEN_BY_HOLDER = select(FactsRow.holder, func.count()).where(_OPEN_WITH_HOLDER).group_by(FactsRow.holder)
 
 
 async def open_by_holder(session: AsyncSession) -> dict[str, int]:
     """Open requests per holding department (for the Prometheus gauge), read through ``ix_facts_open_holder``."""
-    rows = (await session.execute(open_by_holder_statement())).all()
+    rows = (await session.execute(_OPEN_BY_HOLDER)).all()
     return {str(holder): int(count) for holder, count in rows}
 
 

@@ -24,9 +24,9 @@ from libs.contracts.database import inline_statements, make_engine
 pytestmark = pytest.mark.integration
 
 
-def engine_noting_threads(path: Path) -> tuple[AsyncEngine, list[tuple[str, int]]]:
-    """An engine whose connections note (statement, thread id) for every statement SQLite runs."""
-    engine = make_engine(f"sqlite+aiosqlite:///{path}")
+def noting_threads(engine: AsyncEngine) -> list[tuple[str, int]]:
+    """(statement keyword, thread id) for every statement SQLite runs on the engine's connections opened from
+    now on."""
     seen: list[tuple[str, int]] = []
 
     @event.listens_for(engine.sync_engine, "connect")
@@ -34,11 +34,12 @@ def engine_noting_threads(path: Path) -> tuple[AsyncEngine, list[tuple[str, int]
         raw: sqlite3.Connection = dbapi_conn.driver_connection._conn
         raw.set_trace_callback(lambda sql: seen.append((sql.split()[0].upper(), threading.get_ident())))
 
-    return engine, seen
+    return seen
 
 
 async def test_statements_run_on_the_loop_only_inside_inline_statements_and_commits_never(tmp_path: Path) -> None:
-    engine, seen = engine_noting_threads(tmp_path / "t.db")
+    engine = make_engine(f"sqlite+aiosqlite:///{tmp_path / 't.db'}")
+    seen = noting_threads(engine)
     loop_thread = threading.get_ident()
     try:
         async with engine.begin() as conn:
@@ -142,13 +143,7 @@ async def test_metrics_dashboard_reads_stay_off_the_loop_and_its_transactions_on
 
     database = db.Database(f"sqlite+aiosqlite:///{tmp_path / 'metrics.db'}")
     await database.start()
-    seen: list[tuple[str, int]] = []
-
-    @event.listens_for(database.engine.sync_engine, "connect")
-    def _trace(dbapi_conn: Any, _record: Any) -> None:
-        raw: sqlite3.Connection = dbapi_conn.driver_connection._conn
-        raw.set_trace_callback(lambda sql: seen.append((sql.split()[0].upper(), threading.get_ident())))
-
+    seen = noting_threads(database.engine)
     await database.engine.dispose()  # the next connections are traced
     loop_thread = threading.get_ident()
     try:
