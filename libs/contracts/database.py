@@ -1,4 +1,5 @@
-"""How every service opens its database (``make_engine``), and SQLite statements on the event loop.
+"""How every service opens its database (``make_engine``), SQLite statements on the event loop, and a
+batch's guarded updates in one statement (``update_guarded``).
 
 aiosqlite runs each DB-API call in the connection's own thread: the call is queued, the thread wakes and
 runs it, then wakes the event loop through its self-pipe. SQLAlchemy makes up to four such calls per
@@ -25,15 +26,15 @@ from __future__ import annotations
 
 import contextvars
 import sqlite3
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import aiosqlite
-from sqlalchemy import event, make_url
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy import Table, bindparam, event, make_url, update
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
 
 #: How long a statement in the worker thread waits for another process's lock before "database is locked".
 BUSY_TIMEOUT_MS = 30_000
@@ -123,3 +124,30 @@ def make_engine(url: str) -> AsyncEngine:
         cur.close()
 
     return engine
+
+
+async def update_guarded(
+    session: AsyncSession, table: Table, key: str, guard: str, rows: Sequence[tuple[Any, Any, dict[str, Any]]]
+) -> int:
+    """Update rows guarded by optimistic concurrency; returns how many of them were updated.
+
+    Each of ``rows`` is ``(key value, guard value, new values)``: the row whose ``key`` column holds the key
+    value is updated only if its ``guard`` column still holds the guard value (the one it was read at). All
+    rows must set the same columns. A caller that needs every row updated compares the result with
+    ``len(rows)`` and rolls back on a difference.
+
+    Where the driver reports the summed row count of an executemany (SQLite), the rows go in one executemany.
+    Where it does not (asyncpg), one UPDATE each, so the count stays exact.
+    """
+    if not rows:
+        return 0
+    stmt = update(table).where(table.c[key] == bindparam("b_key"), table.c[guard] == bindparam("b_guard"))
+    params = [{"b_key": key_value, "b_guard": guard_value, **values} for key_value, guard_value, values in rows]
+    if len(params) > 1 and session.get_bind().dialect.supports_sane_multi_rowcount:
+        result = await session.execute(stmt, params)
+        return int(getattr(result, "rowcount", 0))
+    updated = 0
+    for one in params:
+        result = await session.execute(stmt, one)
+        updated += int(getattr(result, "rowcount", 0))
+    return updated

@@ -5,17 +5,17 @@ SQLAlchemy 2 (async). SQLite is the embedded default, PostgreSQL the production 
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Collection
+from collections.abc import AsyncIterator, Collection, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from typing import Any, overload
 
-from sqlalchemy import JSON, DateTime, Integer, String, Text, UniqueConstraint, delete, select, update
+from sqlalchemy import JSON, DateTime, Integer, String, Text, UniqueConstraint, delete, select
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from libs import migrations as schema
-from libs.contracts.database import inline_statements, make_engine
+from libs.contracts.database import inline_statements, make_engine, update_guarded
 
 from .domain import RequestState, State
 from .migrations import migrations
@@ -62,6 +62,9 @@ class RequestRow(Base):
             declined_by=tuple(self.declined_by or ()),
             reopen_count=self.reopen_count or 0,
         )
+
+
+_REQUESTS = Base.metadata.tables[RequestRow.__tablename__]
 
 
 class EventRow(Base):
@@ -194,6 +197,38 @@ async def load_request(session: AsyncSession, request_id: str, *, for_update: bo
     return (await session.execute(stmt)).scalar_one_or_none()
 
 
+def _insert(new: RequestState, created_at: datetime, trace_parent: str | None) -> RequestRow:
+    return RequestRow(
+        request_id=new.request_id,
+        state=new.state.value,
+        requester_department=new.requester_department,
+        holder_department=new.holder_department,
+        last_sequence=new.last_sequence,
+        eta=new.eta,
+        delay_count=new.delay_count,
+        title=new.title,
+        trace_id=new.trace_id,
+        trace_parent=trace_parent,
+        declined_by=list(new.declined_by),
+        reopen_count=new.reopen_count,
+        created_at=created_at,
+        updated_at=created_at,
+    )
+
+
+def _changes(new: RequestState, updated_at: datetime) -> dict[str, Any]:
+    return {
+        "state": new.state.value,
+        "holder_department": new.holder_department,
+        "last_sequence": new.last_sequence,
+        "eta": new.eta,
+        "delay_count": new.delay_count,
+        "declined_by": list(new.declined_by),
+        "reopen_count": new.reopen_count,
+        "updated_at": updated_at,
+    }
+
+
 async def save_state(
     session: AsyncSession,
     row: RequestRow | None,
@@ -205,43 +240,23 @@ async def save_state(
     """Insert or update the request row, guarded by the sequence it was read at (optimistic concurrency).
 
     ``trace_parent`` (W3C traceparent of the span that created the request) is only written on insert."""
-    if row is None:
-        session.add(
-            RequestRow(
-                request_id=new.request_id,
-                state=new.state.value,
-                requester_department=new.requester_department,
-                holder_department=new.holder_department,
-                last_sequence=new.last_sequence,
-                eta=new.eta,
-                delay_count=new.delay_count,
-                title=new.title,
-                trace_id=new.trace_id,
-                trace_parent=trace_parent,
-                declined_by=list(new.declined_by),
-                reopen_count=new.reopen_count,
-                created_at=created_at,
-                updated_at=created_at,
-            )
-        )
-        return
-    result = await session.execute(
-        update(RequestRow)
-        .where(RequestRow.request_id == new.request_id, RequestRow.last_sequence == row.last_sequence)
-        .values(
-            state=new.state.value,
-            holder_department=new.holder_department,
-            last_sequence=new.last_sequence,
-            eta=new.eta,
-            delay_count=new.delay_count,
-            declined_by=list(new.declined_by),
-            reopen_count=new.reopen_count,
-            updated_at=created_at,
-        )
-        .execution_options(synchronize_session=False)
-    )
-    if getattr(result, "rowcount", 1) != 1:
-        raise ConcurrentUpdate(new.request_id)
+    await save_states(session, [(row, new, created_at, trace_parent)])
+
+
+async def save_states(
+    session: AsyncSession, changes: Sequence[tuple[RequestRow | None, RequestState, datetime, str | None]]
+) -> None:
+    """:func:`save_state` for a batch's requests: the new ones inserted at the flush, the known ones updated
+    in one guarded statement (``update_guarded``); raises :class:`ConcurrentUpdate` if any of them was
+    advanced by another writer since it was read."""
+    guarded: list[tuple[Any, Any, dict[str, Any]]] = []
+    for row, new, at, trace_parent in changes:
+        if row is None:
+            session.add(_insert(new, at, trace_parent))
+        else:
+            guarded.append((new.request_id, row.last_sequence, _changes(new, at)))
+    if await update_guarded(session, _REQUESTS, "request_id", "last_sequence", guarded) != len(guarded):
+        raise ConcurrentUpdate(", ".join(str(request_id) for request_id, _seq, _values in guarded))
 
 
 async def trace_anchor(session: AsyncSession, request_id: str) -> tuple[str | None, str | None]:

@@ -131,10 +131,12 @@ class _BatchCache:
         self.changed[state.request_id] = now
 
     async def save(self, session: AsyncSession) -> None:
+        changes = []
         for request_id, now in self.changed.items():
             row = self.rows.get(request_id)
             trace_parent = self.trace_parents.get(request_id) if row is None else None
-            await db.save_state(session, row, self.states[request_id], now, trace_parent=trace_parent)
+            changes.append((row, self.states[request_id], now, trace_parent))
+        await db.save_states(session, changes)
 
 
 class LeaseLost(RuntimeError):

@@ -34,7 +34,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from libs import migrations as schema
-from libs.contracts.database import inline_statements, make_engine
+from libs.contracts.database import inline_statements, make_engine, update_guarded
 
 from .domain import Delivery, Projection
 from .migrations import migrations
@@ -81,6 +81,9 @@ class ProjectionRow(Base):
             reopen_count=self.reopen_count or 0,
             notices=tuple(self.notices or ()),
         )
+
+
+_PROJECTIONS = Base.metadata.tables[ProjectionRow.__tablename__]
 
 
 class ProcessedEventRow(Base):
@@ -263,42 +266,49 @@ async def load_projection(session: AsyncSession, request_id: str, *, for_update:
 
 async def save_projection(session: AsyncSession, row: ProjectionRow | None, new: Projection, now: datetime) -> None:
     """Insert or update the projection, guarded by the sequence it was read at (optimistic concurrency)."""
-    if row is None:
-        session.add(
-            ProjectionRow(
-                request_id=new.request_id,
-                requester_department=new.requester_department,
-                holder_department=new.holder_department,
-                past_holders=list(new.past_holders),
-                watchers=list(new.watchers),
-                title=new.title,
-                eta=new.eta,
-                delay_count=new.delay_count,
-                last_sequence=new.last_sequence,
-                updated_at=now,
-                reopen_count=new.reopen_count,
-                notices=list(new.notices),
+    await save_projections(session, [(row, new, now)])
+
+
+async def save_projections(
+    session: AsyncSession, changes: Sequence[tuple[ProjectionRow | None, Projection, datetime]]
+) -> None:
+    """:func:`save_projection` for a batch's requests: the new ones inserted at the flush, the known ones
+    updated in one guarded statement (``update_guarded``); raises :class:`ConcurrentUpdate` if any of them
+    was advanced by another writer since it was read."""
+    guarded: list[tuple[Any, Any, dict[str, Any]]] = []
+    for row, new, now in changes:
+        if row is None:
+            session.add(
+                ProjectionRow(
+                    request_id=new.request_id,
+                    requester_department=new.requester_department,
+                    holder_department=new.holder_department,
+                    past_holders=list(new.past_holders),
+                    watchers=list(new.watchers),
+                    title=new.title,
+                    eta=new.eta,
+                    delay_count=new.delay_count,
+                    last_sequence=new.last_sequence,
+                    updated_at=now,
+                    reopen_count=new.reopen_count,
+                    notices=list(new.notices),
+                )
             )
-        )
-        return
-    result = await session.execute(
-        update(ProjectionRow)
-        .where(ProjectionRow.request_id == new.request_id, ProjectionRow.last_sequence == row.last_sequence)
-        .values(
-            holder_department=new.holder_department,
-            past_holders=list(new.past_holders),
-            watchers=list(new.watchers),
-            eta=new.eta,
-            delay_count=new.delay_count,
-            last_sequence=new.last_sequence,
-            updated_at=now,
-            reopen_count=new.reopen_count,
-            notices=list(new.notices),
-        )
-        .execution_options(synchronize_session=False)
-    )
-    if getattr(result, "rowcount", 1) != 1:
-        raise ConcurrentUpdate(new.request_id)
+            continue
+        values = {
+            "holder_department": new.holder_department,
+            "past_holders": list(new.past_holders),
+            "watchers": list(new.watchers),
+            "eta": new.eta,
+            "delay_count": new.delay_count,
+            "last_sequence": new.last_sequence,
+            "updated_at": now,
+            "reopen_count": new.reopen_count,
+            "notices": list(new.notices),
+        }
+        guarded.append((new.request_id, row.last_sequence, values))
+    if await update_guarded(session, _PROJECTIONS, "request_id", "last_sequence", guarded) != len(guarded):
+        raise ConcurrentUpdate(", ".join(str(request_id) for request_id, _seq, _values in guarded))
 
 
 async def event_outbox(session: AsyncSession, event_id: str) -> list[OutboxRow]:

@@ -231,8 +231,9 @@ class _BatchCache:
         return [r for r in self.unpublished.get(request_id, []) if r.sequence < sequence]
 
     async def save(self, session: AsyncSession) -> None:
-        for request_id, now in self.changed.items():
-            await db.save_projection(session, self.rows.get(request_id), self.current[request_id], now)
+        await db.save_projections(
+            session, [(self.rows.get(rid), self.current[rid], now) for rid, now in self.changed.items()]
+        )
 
 
 #: Opens the consumer span of one message (a context manager), e.g. ``telemetry.process_span``.

@@ -18,9 +18,10 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import orjson
-from sqlalchemy import BigInteger, Boolean, DateTime, Integer, String, Text, select, update
+from sqlalchemy import BigInteger, Boolean, DateTime, Integer, String, Text, bindparam, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.orm.attributes import flag_modified
 
 from libs import migrations as schema
 from libs.contracts import Envelope, Priority, dumps
@@ -400,29 +401,35 @@ def save_track(
         wanted.setdefault(spec.clock_id, {})[spec.kind] = spec.due_at
     dirty: list[str] = []
     for position, clock in enumerate(track.clocks):
-        crow = stored.clocks.get(clock.clock_id)
-        if crow is None:
-            crow = ClockRow(clock_id=clock.clock_id, schedule_version=0, schedule_dirty=False)
-            session.add(crow)
-            stored.clocks[clock.clock_id] = crow
-        crow.request_id = clock.request_id
-        crow.department = clock.department
-        crow.kind = clock.kind.value
-        crow.episode = clock.episode
-        crow.position = position
-        crow.target_us = _us(clock.target)
-        crow.consumed_us = _us(clock.consumed)
-        crow.opened_at = clock.opened_at
-        crow.running_since = clock.running_since
-        crow.closed_at = clock.closed_at
-        crow.close_reason = clock.close_reason
-        crow.breach_at = clock.breach_at
-        crow.warned = clock.warned
-        crow.escalated = clock.escalated
         due = wanted.get(clock.clock_id, {})
         warn_at, deadline_at = due.get(TimerKind.WARNING), due.get(TimerKind.BREACH)
-        changed = aware(crow.warn_at) != warn_at or aware(crow.deadline_at) != deadline_at
-        crow.warn_at, crow.deadline_at = warn_at, deadline_at
+        values: dict[str, Any] = {
+            "request_id": clock.request_id,
+            "department": clock.department,
+            "kind": clock.kind.value,
+            "episode": clock.episode,
+            "position": position,
+            "target_us": _us(clock.target),
+            "consumed_us": _us(clock.consumed),
+            "opened_at": clock.opened_at,
+            "running_since": clock.running_since,
+            "closed_at": clock.closed_at,
+            "close_reason": clock.close_reason,
+            "breach_at": clock.breach_at,
+            "warned": clock.warned,
+            "escalated": clock.escalated,
+            "warn_at": warn_at,
+            "deadline_at": deadline_at,
+        }
+        crow = stored.clocks.get(clock.clock_id)
+        if crow is None:
+            crow = ClockRow(clock_id=clock.clock_id, schedule_version=0, schedule_dirty=False, **values)
+            session.add(crow)
+            stored.clocks[clock.clock_id] = crow
+            changed = True
+        else:
+            changed = aware(crow.warn_at) != warn_at or aware(crow.deadline_at) != deadline_at
+            _write_clock(crow, values)
         if (changed or clock.clock_id in rearm) and (warn_at is not None or deadline_at is not None):
             crow.schedule_dirty = True
             crow.schedule_version = (crow.schedule_version or 0) + 1
@@ -430,6 +437,25 @@ def save_track(
         elif warn_at is None and deadline_at is None:
             crow.schedule_dirty = False
     return dirty
+
+
+def _write_clock(row: ClockRow, values: dict[str, Any]) -> None:
+    """Write a stored clock back only when it changed, and then every column of it.
+
+    An unchanged clock (most clocks of a request, for most of its events) costs no UPDATE. A changed one sets
+    the same columns as every other changed clock, so the flush sends one executemany for all of a batch's
+    changed clocks instead of one UPDATE per clock and per combination of columns. (SQLite returns naive
+    datetimes: compared as UTC.) ``schedule_dirty`` and ``schedule_version`` are only written where the
+    caller changes them: the timer relay clears the flag in its own transaction, guarded by the version.
+    """
+    if all(
+        (aware(current) if isinstance(current := getattr(row, key), datetime) else current) == value
+        for key, value in values.items()
+    ):
+        return
+    for key, value in values.items():
+        setattr(row, key, value)
+        flag_modified(row, key)
 
 
 # --- timers to (re)schedule -------------------------------------------------------------------------
@@ -484,13 +510,18 @@ async def overdue_clocks(session: AsyncSession, before: datetime, limit: int = 5
     return (await session.execute(stmt)).scalars().all()
 
 
-async def mark_scheduled(session: AsyncSession, clock_id: str, version: int) -> None:
-    """Clear the dirty flag unless the clock changed again since ``version`` was read."""
-    await session.execute(
-        update(ClockRow)
-        .where(ClockRow.clock_id == clock_id, ClockRow.schedule_version == version)
-        .values(schedule_dirty=False)
-    )
+async def mark_scheduled(session: AsyncSession, done: Sequence[tuple[str, int]]) -> None:
+    """Clear the dirty flag of each ``(clock_id, version)`` unless the clock changed again since that version
+    was read: one executemany for all of them, without synchronizing the session's loaded rows (the callers'
+    transactions end here)."""
+    if done:
+        table = Base.metadata.tables[ClockRow.__tablename__]
+        await session.execute(
+            update(table)
+            .where(table.c.clock_id == bindparam("b_clock_id"), table.c.schedule_version == bindparam("b_version"))
+            .values(schedule_dirty=False),
+            [{"b_clock_id": clock_id, "b_version": version} for clock_id, version in done],
+        )
 
 
 async def mark_dirty(session: AsyncSession, clock_ids: Sequence[str]) -> None:
@@ -499,6 +530,7 @@ async def mark_dirty(session: AsyncSession, clock_ids: Sequence[str]) -> None:
             update(ClockRow)
             .where(ClockRow.clock_id.in_(list(clock_ids)))
             .values(schedule_dirty=True, schedule_version=ClockRow.schedule_version + 1)
+            .execution_options(synchronize_session=False)
         )
 
 

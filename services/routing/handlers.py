@@ -559,8 +559,7 @@ class RoutingProcessor:
             done.append((clock_id, version))
         if done:
             async with self.db.transaction() as session:
-                for clock_id, version in done:
-                    await db.mark_scheduled(session, clock_id, version)
+                await db.mark_scheduled(session, done)
         return sent
 
     async def arm_requests(self, requests: dict[str, otel_context.Context]) -> int:
@@ -577,8 +576,7 @@ class RoutingProcessor:
             self.metrics.scheduled.inc(len(items))
         if work:
             async with self.db.transaction() as session:
-                for clock_id, _rid, version, _specs in work:
-                    await db.mark_scheduled(session, clock_id, version)
+                await db.mark_scheduled(session, [(clock_id, version) for clock_id, _rid, version, _specs in work])
         return len(items)
 
     @staticmethod
