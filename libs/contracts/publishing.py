@@ -41,7 +41,8 @@ class Outgoing:
     #: Extra headers (e.g. ``Nats-Schedule*`` of an SLA timer); ``Nats-Msg-Id`` is added when ``msg_id`` is set.
     headers: Mapping[str, str] | None = None
     #: Messages with the same key are stored in list order, one in flight at a time; messages with different
-    #: keys may be in flight together. The request id; empty (dead letters) is one key of its own.
+    #: keys may be in flight together. The request id; a timer schedule's subject (one per clock and kind, and
+    #: each replaces the previous one on its subject); empty (dead letters) is one key of its own.
     order_key: str = ""
 
     def all_headers(self) -> dict[str, str]:

@@ -592,9 +592,9 @@ class RoutingProcessor:
         subject = timer_schedule_subject(
             spec.request_id, spec.department, spec.clock.value, spec.episode, spec.kind.value
         )
-        return Outgoing(
-            subject, dumps(body), "", STREAM_TIMERS, context, schedule_headers(spec), order_key=spec.request_id
-        )
+        # Keyed by its subject, not its request: a clock's timer has one subject, so a batch's schedules carry
+        # no order among themselves and go out in one wave (publishing.py).
+        return Outgoing(subject, dumps(body), "", STREAM_TIMERS, context, schedule_headers(spec), order_key=subject)
 
     async def _schedule(self, spec: TimerSpec) -> None:
         assert self.schedule is not None

@@ -111,10 +111,13 @@ async def test_intake_batch_with_one_request_advanced_meanwhile_changes_nothing(
         async with database.transaction() as session:  # another writer advances the second request
             await intake_db.save_states(session, [(stale[IDS[1]], request(IDS[1], 2), T0, None)])
 
-        with pytest.raises(intake_db.ConcurrentUpdate):
+        async def save_the_batch() -> None:
             async with database.transaction() as session:
                 changes = [(stale[rid], replace(request(rid, 2), delay_count=9), T0, None) for rid in IDS]
                 await intake_db.save_states(session, changes)
+
+        with pytest.raises(intake_db.ConcurrentUpdate):
+            await save_the_batch()
 
         async with database.transaction() as session:
             stored = await intake_db.load_requests(session, IDS, for_update=False)
@@ -158,10 +161,13 @@ async def test_notifier_updates_a_batch_of_projections_guarded(make_database_url
         assert updates_of(seen, "projections") == one_statement_per_batch(database.engine)
 
         # The same stale rows again: every guard fails now, and nothing is written.
-        with pytest.raises(notifier_db.ConcurrentUpdate):
+        async def save_again() -> None:
             async with database.transaction() as session:
                 changes = [(stale[rid], replace(projection(rid, 3), watchers=("x",)), T0) for rid in IDS]
                 await notifier_db.save_projections(session, changes)
+
+        with pytest.raises(notifier_db.ConcurrentUpdate):
+            await save_again()
 
         async with database.transaction() as session:
             stored = await notifier_db.load_projections(session, IDS, for_update=False)
@@ -212,7 +218,8 @@ async def test_routing_writes_only_changed_clocks_and_clears_dirty_flags_by_vers
         # Saved again unchanged (a later event of the request): no clock is written.
         async with database.transaction() as session:
             found, stored = await routing_db.load_track(session, IDS[0])
-            assert found is not None and found.clocks == clocks
+            assert found is not None
+            assert found.clocks == clocks
             with statements(database.engine) as seen:
                 assert routing_db.save_track(session, found, stored, timers(clocks), T0 + timedelta(minutes=1)) == []
                 await session.flush()
@@ -243,7 +250,8 @@ async def test_routing_writes_only_changed_clocks_and_clears_dirty_flags_by_vers
             found, _stored = await routing_db.load_track(session, IDS[0])
             rows = (await session.execute(select(routing_db.ClockRow).order_by(routing_db.ClockRow.clock_id))).scalars()
             flags = {row.clock_id: (row.schedule_dirty, row.schedule_version) for row in rows}
-        assert found is not None and found.clocks == changed
+        assert found is not None
+        assert found.clocks == changed
         assert flags == {accept: (True, 2), resolve: (False, 1)}
     finally:
         await database.close()

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta
+
 import pytest
 
+from libs.contracts.events import SlaClock
 from libs.contracts.publishing import Outgoing, dedupe, waves
+from services.routing.handlers import RoutingProcessor
+from services.routing.tracking import TimerKind, TimerSpec
 
 pytestmark = pytest.mark.unit
 
@@ -48,3 +53,17 @@ def test_every_message_is_in_exactly_one_wave() -> None:
 def test_dedupe_keeps_the_first_of_each_id() -> None:
     items = [out("a", "A"), out("b", "B"), out("a", "A")]
     assert [i.msg_id for i in dedupe(items)] == ["a", "b"]
+
+
+def test_a_batchs_timer_schedules_go_in_one_wave_each_keyed_by_its_subject() -> None:
+    """Routing's schedules: one subject per clock and kind, no order among them (services/routing/handlers.py)."""
+    due = datetime(2026, 11, 2, 9, 0, tzinfo=UTC)
+    specs = [
+        TimerSpec(f"{rid}.it.{clock.value}.1", rid, "it", clock, 1, kind, due + timedelta(minutes=n))
+        for n, (rid, clock, kind) in enumerate(
+            (rid, clock, kind) for rid in ("REQ-00000001", "REQ-00000002") for clock in SlaClock for kind in TimerKind
+        )
+    ]
+    items = [RoutingProcessor._schedule_item(spec, None) for spec in specs]
+    assert len({item.subject for item in items}) == 8
+    assert [len(wave) for wave in waves(items)] == [8]
