@@ -363,38 +363,40 @@ def save_track(
 ) -> list[str]:
     """Write ``track`` back; set each clock's wanted timers and mark it dirty when they changed (or it is in
     ``rearm``). Returns the ids of the clocks whose timers must be (re)scheduled."""
-    row = stored.request
-    if row is None:
-        row = RequestRow(request_id=track.request_id)
-        session.add(row)
-        stored.request = row
-    row.requester = track.requester
-    row.category = track.category
-    row.priority = track.priority.value
-    row.title = track.title
-    row.attributes = orjson.dumps(track.attributes).decode()
-    row.requested_provider = track.requested_provider
-    row.phase = track.phase.value
-    row.holder = track.holder
-    row.chain = orjson.dumps(track.chain).decode()
-    row.declines = orjson.dumps([d.__dict__ for d in track.declines]).decode()
-    row.waits = orjson.dumps(
-        [
-            {
-                "holder": w.holder,
-                "charged_to": w.charged_to,
-                "reason_code": w.reason_code.value,
-                "started_at": _iso(w.started_at),
-                "ended_at": _iso(w.ended_at),
-                "caused_by": w.caused_by,
-            }
-            for w in track.waits
-        ]
-    ).decode()
-    row.accepted_at = track.accepted_at
-    row.last_sequence = track.last_sequence
-    row.last_stream_seq = track.last_stream_seq
-    row.updated_at = at
+    request: dict[str, Any] = {
+        "requester": track.requester,
+        "category": track.category,
+        "priority": track.priority.value,
+        "title": track.title,
+        "attributes": orjson.dumps(track.attributes).decode(),
+        "requested_provider": track.requested_provider,
+        "phase": track.phase.value,
+        "holder": track.holder,
+        "chain": orjson.dumps(track.chain).decode(),
+        "declines": orjson.dumps([d.__dict__ for d in track.declines]).decode(),
+        "waits": orjson.dumps(
+            [
+                {
+                    "holder": w.holder,
+                    "charged_to": w.charged_to,
+                    "reason_code": w.reason_code.value,
+                    "started_at": _iso(w.started_at),
+                    "ended_at": _iso(w.ended_at),
+                    "caused_by": w.caused_by,
+                }
+                for w in track.waits
+            ]
+        ).decode(),
+        "accepted_at": track.accepted_at,
+        "last_sequence": track.last_sequence,
+        "last_stream_seq": track.last_stream_seq,
+        "updated_at": at,
+    }
+    if stored.request is None:
+        stored.request = RequestRow(request_id=track.request_id, **request)
+        session.add(stored.request)
+    else:
+        _write_changed(stored.request, request)
 
     wanted: dict[str, dict[TimerKind, datetime]] = {}
     for spec in timers:
@@ -403,7 +405,7 @@ def save_track(
     for position, clock in enumerate(track.clocks):
         due = wanted.get(clock.clock_id, {})
         warn_at, deadline_at = due.get(TimerKind.WARNING), due.get(TimerKind.BREACH)
-        values: dict[str, Any] = {
+        values = {
             "request_id": clock.request_id,
             "department": clock.department,
             "kind": clock.kind.value,
@@ -429,7 +431,7 @@ def save_track(
             changed = True
         else:
             changed = aware(crow.warn_at) != warn_at or aware(crow.deadline_at) != deadline_at
-            _write_clock(crow, values)
+            _write_changed(crow, values)
         if (changed or clock.clock_id in rearm) and (warn_at is not None or deadline_at is not None):
             crow.schedule_dirty = True
             crow.schedule_version = (crow.schedule_version or 0) + 1
@@ -439,14 +441,15 @@ def save_track(
     return dirty
 
 
-def _write_clock(row: ClockRow, values: dict[str, Any]) -> None:
-    """Write a stored clock back only when it changed, and then every column of it.
+def _write_changed(row: RequestRow | ClockRow, values: dict[str, Any]) -> None:
+    """Write a stored row back only when it changed, and then every one of ``values``' columns.
 
-    An unchanged clock (most clocks of a request, for most of its events) costs no UPDATE. A changed one sets
-    the same columns as every other changed clock, so the flush sends one executemany for all of a batch's
-    changed clocks instead of one UPDATE per clock and per combination of columns. (SQLite returns naive
-    datetimes: compared as UTC.) ``schedule_dirty`` and ``schedule_version`` are only written where the
-    caller changes them: the timer relay clears the flag in its own transaction, guarded by the version.
+    An unchanged row (most clocks of a request, for most of its events) costs no UPDATE. A changed one sets the
+    same columns as every other changed row of its table, so the flush sends one executemany for all of a
+    batch's changed rows of a table instead of one UPDATE per combination of changed columns. (SQLite returns
+    naive datetimes: compared as UTC.) A clock's ``schedule_dirty`` and ``schedule_version`` are not among
+    ``values``: only written where the caller changes them, as the timer relay clears the flag in its own
+    transaction, guarded by the version.
     """
     if all(
         (aware(current) if isinstance(current := getattr(row, key), datetime) else current) == value
