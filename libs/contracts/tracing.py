@@ -1,7 +1,8 @@
 """Baton's tracing contract, shared by the four services: one trace per request.
 
 * ``make_tracer_provider``: the OpenTelemetry SDK configured by the standard ``OTEL_*`` variables;
-  spans are exported over OTLP only when an OTLP endpoint is set (otherwise nothing leaves the process).
+  spans are exported over OTLP only when an OTLP endpoint is set (otherwise nothing leaves the process, and
+  nothing is recorded: ``BatonTracerProvider``'s tracers then only propagate the trace context).
 * ``process_span`` / ``send_span``: consumer and producer spans named and attributed per OpenTelemetry's
   messaging semantic conventions (``process BATON_EVENTS``, ``send baton.events``), with the W3C
   ``traceparent`` of the producer span injected into the NATS headers of the message it sends.
@@ -18,7 +19,7 @@ See docs/tracing.md.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -27,10 +28,12 @@ from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 from opentelemetry.context import Context
 from opentelemetry.sdk.resources import SERVICE_NAME, Resource
-from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
+from opentelemetry.sdk.trace import Tracer as SdkTracer
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
+from opentelemetry.sdk.trace.sampling import Decision
 from opentelemetry.trace import Link, SpanContext, SpanKind, TraceFlags
-from opentelemetry.util.types import AttributeValue
+from opentelemetry.util.types import Attributes, AttributeValue
 
 from libs.contracts.envelope import EVENT_TYPE_RE, ID_RE, SLUG_RE
 from libs.contracts.subjects import (
@@ -49,20 +52,121 @@ EVENT_TYPE = "baton.event_type"
 DEPARTMENT = "baton.department"
 
 _TRACEPARENT = "traceparent"
+_SAMPLED = frozenset({Decision.RECORD_AND_SAMPLE})
 
 
 # --- the SDK ------------------------------------------------------------------------------------------
-def make_tracer_provider(service_name: str) -> TracerProvider:
+class BatonTracerProvider(TracerProvider):
+    """The SDK's tracer provider, whose tracers record spans only once a span processor has been added.
+
+    With no processor (no exporter configured: the embedded default) a recorded span goes nowhere, yet the SDK
+    builds each one in full: bounded attributes, limits, a lock, links, its processors' hooks. Until a processor
+    is added, this provider's tracers make *propagating* spans instead: a new span id in the parent's trace (a
+    new trace at a root), trace flags and state as the provider's sampler decides, nothing recorded. The W3C
+    context they inject and the trace ids Baton stores are the same as a recorded span's, so a downstream
+    service that does export hangs its spans in the request's trace as before. ``OTEL_SDK_DISABLED=true``
+    still gives the SDK's no-op tracer.
+    """
+
+    _exporting = False
+
+    def add_span_processor(self, span_processor: SpanProcessor) -> None:
+        self._exporting = True
+        super().add_span_processor(span_processor)
+
+    @property
+    def exporting(self) -> bool:
+        """True once a span processor was added: spans are then recorded by the SDK."""
+        return self._exporting
+
+    def get_tracer(
+        self,
+        instrumenting_module_name: str,
+        instrumenting_library_version: str | None = None,
+        schema_url: str | None = None,
+        attributes: Attributes = None,
+    ) -> trace.Tracer:
+        tracer = super().get_tracer(instrumenting_module_name, instrumenting_library_version, schema_url, attributes)
+        return PropagatingTracer(self, tracer) if isinstance(tracer, SdkTracer) else tracer
+
+
+class PropagatingTracer(trace.Tracer):
+    """A tracer of ``BatonTracerProvider``: the SDK's own while the provider exports, else propagation only."""
+
+    def __init__(self, provider: BatonTracerProvider, sdk: SdkTracer) -> None:
+        self._provider = provider
+        self._sdk = sdk
+
+    def start_span(
+        self,
+        name: str,
+        context: Context | None = None,
+        kind: SpanKind = SpanKind.INTERNAL,
+        attributes: Attributes = None,
+        links: Sequence[Link] | None = None,
+        start_time: int | None = None,
+        record_exception: bool = True,
+        set_status_on_exception: bool = True,
+    ) -> trace.Span:
+        if self._provider.exporting:
+            return self._sdk.start_span(
+                name, context, kind, attributes, links, start_time, record_exception, set_status_on_exception
+            )
+        parent = trace.get_current_span(context).get_span_context()
+        ids = self._sdk.id_generator
+        if parent.is_valid:
+            trace_id, random_id = parent.trace_id, parent.trace_flags.random_trace_id
+        else:
+            trace_id, random_id = ids.generate_trace_id(), ids.is_trace_id_random()
+        sampled = self._sdk.sampler.should_sample(context, trace_id, name, kind, attributes, links or ())
+        flags = TraceFlags.SAMPLED if sampled.decision in _SAMPLED else TraceFlags.DEFAULT
+        if random_id:
+            flags |= TraceFlags.RANDOM_TRACE_ID
+        span_context = SpanContext(
+            trace_id,
+            ids.generate_span_id(),
+            is_remote=False,
+            trace_flags=TraceFlags(flags),
+            trace_state=sampled.trace_state,
+        )
+        return trace.NonRecordingSpan(span_context)
+
+    @contextmanager
+    def start_as_current_span(  # type: ignore[override]  # the API types it with its private decorator
+        self,
+        name: str,
+        context: Context | None = None,
+        kind: SpanKind = SpanKind.INTERNAL,
+        attributes: Attributes = None,
+        links: Sequence[Link] | None = None,
+        start_time: int | None = None,
+        record_exception: bool = True,
+        set_status_on_exception: bool = True,
+        end_on_exit: bool = True,
+    ) -> Iterator[trace.Span]:
+        span = self.start_span(
+            name, context, kind, attributes, links, start_time, record_exception, set_status_on_exception
+        )
+        with trace.use_span(
+            span,
+            end_on_exit=end_on_exit,
+            record_exception=record_exception,
+            set_status_on_exception=set_status_on_exception,
+        ) as current:
+            yield current
+
+
+def make_tracer_provider(service_name: str) -> BatonTracerProvider:
     """A tracer provider configured by the standard ``OTEL_*`` variables.
 
     ``OTEL_SERVICE_NAME`` / ``OTEL_RESOURCE_ATTRIBUTES`` name the service (default ``service_name``);
     ``OTEL_TRACES_SAMPLER`` samples; ``OTEL_EXPORTER_OTLP_(TRACES_)ENDPOINT`` turns on OTLP/HTTP export
     (``OTEL_BSP_*`` tune its batching); ``OTEL_TRACES_EXPORTER=console`` prints spans, ``none`` exports
     nothing even with an endpoint; ``OTEL_SDK_DISABLED=true`` turns tracing off. Without an endpoint
-    Baton exports nothing and stays silent.
+    Baton exports nothing, records nothing (``BatonTracerProvider``) and stays silent.
     """
     attributes = {} if os.environ.get("OTEL_SERVICE_NAME") else {SERVICE_NAME: service_name}
-    provider = TracerProvider(resource=Resource.create(attributes))
+    provider = BatonTracerProvider(resource=Resource.create(attributes))
     exporters = {e.strip() for e in os.environ.get("OTEL_TRACES_EXPORTER", "otlp").lower().split(",")}
     endpoint = os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")
     if "otlp" in exporters and endpoint:
@@ -215,6 +319,7 @@ def _messaging(operation: str, subject: str) -> dict[str, AttributeValue]:
     }
 
 
+@contextmanager
 def process_span(
     tracer: trace.Tracer,
     *,
@@ -224,30 +329,35 @@ def process_span(
     parent: Context,
     consumer: str | None = None,
     links: list[Link] | None = None,
-) -> Any:
-    """The consumer span of one message: ``process <stream>``, a child of ``parent``.
-
-    Returns the tracer's context manager (``with process_span(...) as span``)."""
-    attrs = _messaging("process", subject) | event_attributes(subject, data)
+) -> Iterator[trace.Span]:
+    """The consumer span of one message: ``process <stream>``, a child of ``parent`` (``with process_span(...) as
+    span``). Baton's attributes, which parse the body, are computed only when the span is recorded."""
+    attrs = _messaging("process", subject)
     if consumer:
         attrs["messaging.consumer.group.name"] = consumer
-    return tracer.start_as_current_span(
+    with tracer.start_as_current_span(
         f"process {stream}", context=parent, kind=SpanKind.CONSUMER, links=links, attributes=attrs
-    )
+    ) as span:
+        if span.is_recording():
+            span.set_attributes(event_attributes(subject, data))
+        yield span
 
 
 @contextmanager
 def send_span(tracer: trace.Tracer, subject: str, data: bytes, headers: Mapping[str, str]) -> Iterator[dict[str, str]]:
     """A producer span ``send <destination>`` (child of the current span); yields ``headers`` plus the W3C
-    trace context of this span, to publish with: the consumer's span is then its child."""
-    attrs = _messaging("send", subject) | event_attributes(subject, data)
-    attrs["messaging.destination.template"] = destination_template(subject)
-    msg_id = headers.get("Nats-Msg-Id")
-    if msg_id:
-        attrs["messaging.message.id"] = msg_id[:64]
-    with tracer.start_as_current_span(
-        f"send {destination_template(subject)}", kind=SpanKind.PRODUCER, attributes=attrs
-    ):
+    trace context of this span, to publish with: the consumer's span is then its child. Baton's attributes,
+    which parse the body, are computed only when the span is recorded."""
+    template = destination_template(subject)
+    attrs = _messaging("send", subject)
+    attrs["messaging.destination.template"] = template
+    with tracer.start_as_current_span(f"send {template}", kind=SpanKind.PRODUCER, attributes=attrs) as span:
+        if span.is_recording():
+            extra = event_attributes(subject, data)
+            msg_id = headers.get("Nats-Msg-Id")
+            if msg_id:
+                extra["messaging.message.id"] = msg_id[:64]
+            span.set_attributes(extra)
         out = dict(headers)
         propagate.inject(out)
         yield out

@@ -7,7 +7,9 @@ import pytest
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from opentelemetry.trace import format_span_id, format_trace_id
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ALWAYS_ON, Sampler
+from opentelemetry.trace import NoOpTracer, format_span_id, format_trace_id
+from opentelemetry.util.types import AttributeValue
 
 from libs.contracts import tracing as telemetry
 
@@ -161,3 +163,103 @@ def test_the_sdk_exports_nothing_without_an_otlp_endpoint(monkeypatch: pytest.Mo
 
     monkeypatch.setenv("OTEL_TRACES_EXPORTER", "none")
     assert telemetry.make_tracer_provider("baton-test")._active_span_processor._span_processors == ()
+    assert not telemetry.make_tracer_provider("baton-test").exporting
+    assert exporting.exporting
+
+
+def _traceparent_of(headers: dict[str, str]) -> tuple[str, str, str]:
+    version, trace_id, span_id, flags = headers["traceparent"].split("-")
+    assert version == "00"
+    return trace_id, span_id, flags
+
+
+def test_without_an_exporter_spans_only_propagate_the_trace_context(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No processor: nothing is recorded and the body is not parsed for attributes, yet each span has its own
+    span id in its parent's trace (a new trace at a root) and injects it, as a recorded span would."""
+    parsed: list[str] = []
+    real = telemetry.event_attributes
+
+    def counting(subject: str, data: bytes) -> dict[str, AttributeValue]:
+        parsed.append(subject)
+        return real(subject, data)
+
+    monkeypatch.setattr(telemetry, "event_attributes", counting)
+    tracer = telemetry.BatonTracerProvider().get_tracer("test")
+    data = orjson.dumps(CREATED)
+    parent = telemetry.extract({"traceparent": _traceparent(REQUEST_TRACE, "00f067aa0ba902b7")})
+    with (
+        telemetry.process_span(
+            tracer, stream="BATON_IN", subject="baton.in.marketing.created", data=data, parent=parent
+        ) as process,
+        telemetry.send_span(tracer, "baton.events.REQ-TRACE00001.created", data, {"Nats-Msg-Id": "evt-1x"}) as headers,
+    ):
+        assert not process.is_recording()
+        process_sc = process.get_span_context()
+        assert format_trace_id(process_sc.trace_id) == REQUEST_TRACE
+        assert format_span_id(process_sc.span_id) != "00f067aa0ba902b7"
+        assert telemetry.current_traceparent() is not None
+    trace_id, span_id, flags = _traceparent_of(headers)
+    assert trace_id == REQUEST_TRACE
+    assert span_id not in (format_span_id(process_sc.span_id), "00f067aa0ba902b7")
+    assert flags == "01"
+    assert headers["Nats-Msg-Id"] == "evt-1x"
+    assert parsed == []
+
+    with telemetry.send_span(tracer, "baton.events.REQ-TRACE00001.created", data, {}) as root_headers:
+        pass
+    root_trace, _, _ = _traceparent_of(root_headers)
+    assert root_trace not in (REQUEST_TRACE, "0" * 32)
+
+
+@pytest.mark.parametrize("sampler", [ALWAYS_ON, ALWAYS_OFF])
+def test_without_an_exporter_the_flags_are_the_sdks(sampler: Sampler) -> None:
+    """The sampler still decides (sampled or not), and the flags are those a recorded span would carry."""
+    flags = []
+    for provider in (TracerProvider(sampler=sampler), telemetry.BatonTracerProvider(sampler=sampler)):
+        with telemetry.send_span(provider.get_tracer("test"), "baton.events.R-1.created", b"{}", {}) as headers:
+            flags.append(_traceparent_of(headers)[2])
+    assert flags[0] == flags[1]
+    assert (int(flags[1], 16) & 1) == (sampler is ALWAYS_ON)
+
+
+def test_a_processor_added_later_turns_recording_on_for_tracers_already_handed_out() -> None:
+    provider = telemetry.BatonTracerProvider()
+    tracer = provider.get_tracer("test")
+    data = orjson.dumps(CREATED)
+    with telemetry.send_span(tracer, "baton.events.REQ-TRACE00001.created", data, {}):
+        pass
+    exporter = InMemorySpanExporter()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    with telemetry.send_span(tracer, "baton.events.REQ-TRACE00001.created", data, {"Nats-Msg-Id": "evt-1x"}):
+        pass
+    (send,) = exporter.get_finished_spans()
+    assert send.name == "send baton.events"
+    assert dict(send.attributes or {})["baton.request_id"] == "REQ-TRACE00001"
+    assert dict(send.attributes or {})["messaging.message.id"] == "evt-1x"
+
+
+def test_an_exporting_service_hangs_its_spans_under_a_service_that_exports_nothing() -> None:
+    upstream = telemetry.BatonTracerProvider().get_tracer("intake")
+    exporter = InMemorySpanExporter()
+    downstream_provider = telemetry.BatonTracerProvider()
+    downstream_provider.add_span_processor(SimpleSpanProcessor(exporter))
+    downstream = downstream_provider.get_tracer("notifier")
+    data = orjson.dumps(CREATED)
+    subject = "baton.events.REQ-TRACE00001.created"
+    with telemetry.send_span(upstream, subject, data, {}) as headers:
+        pass
+    trace_id, span_id, _ = _traceparent_of(headers)
+    with telemetry.process_span(
+        downstream, stream="BATON_EVENTS", subject=subject, data=data, parent=telemetry.extract(headers)
+    ):
+        pass
+    (process,) = exporter.get_finished_spans()
+    assert process.parent is not None
+    assert format_trace_id(process.context.trace_id) == trace_id
+    assert format_span_id(process.parent.span_id) == span_id
+    assert dict(process.attributes or {})["baton.request_id"] == "REQ-TRACE00001"
+
+
+def test_a_disabled_sdk_still_gives_the_no_op_tracer(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OTEL_SDK_DISABLED", "true")
+    assert isinstance(telemetry.BatonTracerProvider().get_tracer("test"), NoOpTracer)
