@@ -70,12 +70,17 @@ class DecisionRow(Base):
 
 class OutboxRow(Base):
     """An event routing emitted (exact JSON), stored before it is published; ``caused_by`` is the canonical
-    event_id or timer (``timer:<clock_id>:<kind>``) that produced it."""
+    event_id or timer (``timer:<clock_id>:<kind>``) that produced it.
+
+    ``event_id`` is the insert sentinel: unique and set by routing, it lets SQLAlchemy match the ``id`` each
+    new row got to its row, so that a batch's rows are inserted in one statement on SQLite too (without it,
+    SQLite's RETURNING order is not promised and the ORM inserts one row per statement). A sentinel is only
+    a hint to SQLAlchemy: the table is unchanged."""
 
     __tablename__ = "routing_outbox"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    event_id: Mapped[str] = mapped_column(String(64), unique=True)
+    event_id: Mapped[str] = mapped_column(String(64), unique=True, insert_sentinel=True)
     request_id: Mapped[str] = mapped_column(String(64), index=True)
     event_type: Mapped[str] = mapped_column(String(32))
     caused_by: Mapped[str] = mapped_column(String(200), index=True)

@@ -5,7 +5,8 @@
   summed row count checks every guard); on PostgreSQL (asyncpg reports no such count) one UPDATE each. A row
   that another writer advanced meanwhile fails the whole batch, which then changes nothing.
 * routing writes a stored SLA clock back only when it changed, and clears the dirty flags of the armed
-  clocks in one statement, each guarded by the version it was read at.
+  clocks in one statement, each guarded by the version it was read at; it inserts a batch's emitted events in
+  one statement, their ids in emission order.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ import pytest
 from sqlalchemy import event, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from libs.contracts.events import Priority, SlaClock
+from libs.contracts.envelope import Actor
+from libs.contracts.events import Priority, Routed, SlaClock
 from services.intake import db as intake_db
 from services.intake.domain import RequestState, State
 from services.notifier import db as notifier_db
@@ -253,5 +255,50 @@ async def test_routing_writes_only_changed_clocks_and_clears_dirty_flags_by_vers
         assert found is not None
         assert found.clocks == changed
         assert flags == {accept: (True, 2), resolve: (False, 1)}
+    finally:
+        await database.close()
+
+
+def routed(request_id: str, number: int) -> Routed:
+    return Routed(
+        event_id=f"evt-routed-{request_id}-{number}",
+        request_id=request_id,
+        occurred_at=T0,
+        actor=Actor(department="baton", person="routing"),
+        provider_department="finance",
+        rule="category:laptop",
+        caused_by=f"evt-created-{request_id}",
+    )
+
+
+async def test_routing_inserts_a_batch_of_emitted_events_in_one_statement_in_emission_order(
+    make_database_url: MakeDatabaseUrl,
+) -> None:
+    """The outbox's ``id`` orders a request's emitted events (``outbox_of``, ``outbox_caused_by``): a batch's rows
+    go in one INSERT (``event_id`` is the insert sentinel), and each gets the id the database gave it, in the
+    order they were emitted."""
+    database = routing_db.Database(make_database_url("routing_outbox"))
+    await database.start()
+    emitted = [routed(IDS[n % 3], n) for n in range(7)]  # three requests, interleaved
+    try:
+        async with database.transaction() as session:
+            with statements(database.engine) as seen:
+                rows = [
+                    row
+                    for n, event in enumerate(emitted)
+                    for row in routing_db.add_outbox(session, [event], f"cause-{n % 2}", T0)
+                ]
+                await session.flush()
+            ids = {row.event_id: row.id for row in rows}
+        assert [sql.split(" (")[0] for sql, _ in seen] == ["INSERT INTO routing_outbox"]
+
+        async with database.transaction() as session:
+            stored = (await session.execute(select(routing_db.OutboxRow))).scalars().all()
+            by_cause = [row.event_id for row in await routing_db.outbox_caused_by(session, "cause-1")]
+            of_request = [row.event_id for row in await routing_db.outbox_of(session, IDS[1])]
+        assert {row.event_id: row.id for row in stored} == ids
+        assert [row.event_id for row in sorted(stored, key=lambda row: row.id)] == [e.event_id for e in emitted]
+        assert by_cause == [e.event_id for n, e in enumerate(emitted) if n % 2 == 1]
+        assert of_request == [e.event_id for e in emitted if e.request_id == IDS[1]]
     finally:
         await database.close()
