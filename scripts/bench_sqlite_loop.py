@@ -13,7 +13,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from sqlalchemy import Integer, String, select
+from sqlalchemy import Integer, String, insert, select
 from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -45,7 +45,7 @@ async def run(mode: str, path: Path) -> None:
             async with engine.begin() as conn:
                 for i in range(10):
                     key = batch * 10 + i
-                    await conn.execute(Row.__table__.insert().values(id=key, name="x" * 20))
+                    await conn.execute(insert(Row).values(id=key, name="x" * 20))
                     (await conn.execute(select(Row).where(Row.id == key))).one()
                     statements += 2
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu

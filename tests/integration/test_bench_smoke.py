@@ -81,3 +81,20 @@ def test_bench_writes_every_field(tmp_path: Path, catalog_path: Path) -> None:
         assert {"first", "last", "max", "per_minute"} <= sample.keys()
         assert sample["per_minute"]
         assert max(sample["per_minute"]) == sample["max"]
+
+
+@pytest.mark.parametrize("record", [False, True], ids=["propagating-spans", "recorded-spans"])
+def test_the_pipeline_cpu_benchmark_runs_clean_lifecycles(record: bool) -> None:
+    """``scripts/bench_pipeline_cpu.py`` plays whole lifecycles through the four processors (it exits non-zero
+    when any event was not appended, not projected, or dead-lettered) and prints a row per service."""
+    root = Path(__file__).resolve().parents[2]
+    command = [sys.executable, "scripts/bench_pipeline_cpu.py", "--lifecycles", "8", "--repeat", "1", "--batch", "5"]
+    done = subprocess.run(
+        command + (["--record-spans"] if record else []), cwd=root, capture_output=True, text=True, check=False
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stdout.splitlines()
+    assert lines[0].startswith("8 lifecycles (48 canonical events), batches of 5")
+    rows = {line.split()[0]: line.split()[1:] for line in lines[2:]}
+    assert set(rows) == {"intake", "routing", "notifier", "metrics", "the"}
+    assert all(float(rows[name][2]) > 0 for name in ("intake", "routing", "notifier", "metrics"))  # statements
