@@ -1,5 +1,6 @@
 """How every service opens its database (``make_engine``), SQLite statements on the event loop, and a
-batch's guarded updates in one statement (``update_guarded``).
+batch's guarded updates in one statement (``update_guarded``) and its new rows in one statement per table
+(``PendingInserts``).
 
 aiosqlite runs each DB-API call in the connection's own thread: the call is queued, the thread wakes and
 runs it, then wakes the event loop through its self-pipe. SQLAlchemy makes up to four such calls per
@@ -33,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import aiosqlite
-from sqlalchemy import Table, bindparam, event, make_url, update
+from sqlalchemy import Table, bindparam, event, insert, make_url, update
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
 
 #: How long a statement in the worker thread waits for another process's lock before "database is locked".
@@ -151,3 +152,29 @@ async def update_guarded(
         result = await session.execute(stmt, one)
         updated += int(getattr(result, "rowcount", 0))
     return updated
+
+
+class PendingInserts:
+    """A transaction's new rows, kept as plain column values and inserted with one executemany per table
+    (SQLAlchemy's insertmanyvalues: for a batch, one INSERT per table), instead of as ORM objects through the
+    unit of work, which builds and tracks an object per row.
+
+    ``write(session)`` sends them: the caller does so before its commit, and before any read in the same
+    transaction that must see them (the session's autoflush does not know these rows). The rows of one table
+    must all set the same columns; column defaults apply as on any insert. Order across tables is the order
+    in which each table first received a row.
+    """
+
+    def __init__(self) -> None:
+        self._rows: dict[Table, list[dict[str, Any]]] = {}
+
+    def add(self, table: Table, values: dict[str, Any]) -> None:
+        self._rows.setdefault(table, []).append(values)
+
+    def __len__(self) -> int:
+        return sum(len(rows) for rows in self._rows.values())
+
+    async def write(self, session: AsyncSession) -> None:
+        pending, self._rows = self._rows, {}
+        for table, rows in pending.items():
+            await session.execute(insert(table), rows)

@@ -5,6 +5,7 @@ SQLAlchemy 2 (async). SQLite is the embedded default, PostgreSQL the production 
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Collection, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
@@ -133,12 +134,18 @@ async def create_schema(engine: AsyncEngine, *, migrate: bool = True) -> None:
 
 
 class Database:
-    """The engine plus a session factory; one per service process."""
+    """The engine plus a session factory; one per service process.
+
+    On SQLite, write transactions are serialised within the process (as the notifier's and routing's are): a
+    statement that meets another transaction's write lock on the event loop waits for it in aiosqlite's
+    thread, and the writers on the loop would keep taking the lock first (tests/integration/test_sqlite_writers.py).
+    """
 
     def __init__(self, url: str) -> None:
         self.engine = make_engine(url)
         self.sessions = async_sessionmaker(self.engine, expire_on_commit=False)
         self.is_postgres = self.engine.dialect.name == "postgresql"
+        self._lock = asyncio.Lock() if self.engine.dialect.name == "sqlite" else None
 
     async def start(self, *, migrate: bool = True) -> None:
         await create_schema(self.engine, migrate=migrate)
@@ -148,9 +155,14 @@ class Database:
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[AsyncSession]:
-        """A write transaction; on SQLite its statements run on the event loop (libs/contracts/database.py)."""
+        """A write transaction; on SQLite one at a time in this process, its statements on the event loop
+        (libs/contracts/database.py)."""
         with inline_statements():
-            async with self.sessions() as session, session.begin():
+            if self._lock is None:
+                async with self.sessions() as session, session.begin():
+                    yield session
+                return
+            async with self._lock, self.sessions() as session, session.begin():
                 yield session
 
     async def ping(self) -> bool:

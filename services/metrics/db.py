@@ -10,6 +10,7 @@ the same transaction, so it never depends on the order in which the events arriv
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
@@ -123,12 +124,18 @@ async def create_schema(engine: AsyncEngine, *, migrate: bool = True) -> None:
 
 
 class Database:
-    """The engine plus a session factory; one per service process."""
+    """The engine plus a session factory; one per service process.
+
+    On SQLite, write transactions are serialised within the process (as the notifier's and routing's are): a
+    statement that meets another transaction's write lock on the event loop waits for it in aiosqlite's
+    thread, and the writers on the loop would keep taking the lock first (tests/integration/test_sqlite_writers.py).
+    """
 
     def __init__(self, url: str) -> None:
         self.engine = make_engine(url)
         self.sessions = async_sessionmaker(self.engine, expire_on_commit=False)
         self.dialect = self.engine.dialect.name
+        self._lock = asyncio.Lock() if self.engine.dialect.name == "sqlite" else None
 
     async def start(self, *, migrate: bool = True) -> None:
         await create_schema(self.engine, migrate=migrate)
@@ -138,9 +145,14 @@ class Database:
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[AsyncSession]:
-        """A write transaction; on SQLite its statements run on the event loop (libs/contracts/database.py)."""
+        """A write transaction; on SQLite one at a time in this process, its statements on the event loop
+        (libs/contracts/database.py)."""
         with inline_statements():
-            async with self.sessions() as session, session.begin():
+            if self._lock is None:
+                async with self.sessions() as session, session.begin():
+                    yield session
+                return
+            async with self._lock, self.sessions() as session, session.begin():
                 yield session
 
     @asynccontextmanager

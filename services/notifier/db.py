@@ -10,6 +10,7 @@ Alembic migrations in ``services/notifier/migrations`` (:func:`create_schema`).
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Collection, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
@@ -34,7 +35,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from libs import migrations as schema
-from libs.contracts.database import inline_statements, make_engine, update_guarded
+from libs.contracts.database import PendingInserts, inline_statements, make_engine, update_guarded
 
 from .domain import Delivery, Projection
 from .migrations import migrations
@@ -127,6 +128,64 @@ class OutboxRow(Base):
 
 
 Index("ix_outbox_digest_pending", OutboxRow.department, OutboxRow.delivery, OutboxRow.digest_id)
+
+_PROCESSED = Base.metadata.tables[ProcessedEventRow.__tablename__]
+_OUTBOX = Base.metadata.tables[OutboxRow.__tablename__]
+
+
+def add_processed(
+    writes: PendingInserts, *, event_id: str, request_id: str, sequence: int, type: str, processed_at: datetime
+) -> None:
+    """Record an applied event (a ``ProcessedEventRow``), inserted with the transaction's other new rows."""
+    writes.add(
+        _PROCESSED,
+        {
+            "event_id": event_id,
+            "request_id": request_id,
+            "sequence": sequence,
+            "type": type,
+            "processed_at": processed_at,
+        },
+    )
+
+
+def add_notification(
+    writes: PendingInserts,
+    *,
+    notification_id: str,
+    event_id: str,
+    request_id: str,
+    sequence: int,
+    position: int,
+    department: str,
+    role: str,
+    type: str,
+    subject: str,
+    body: str,
+    text: str,
+    created_at: datetime,
+    delivery: str,
+) -> None:
+    """Store a notification in the outbox (an ``OutboxRow``, unpublished, in no digest), inserted with the
+    transaction's other new rows."""
+    writes.add(
+        _OUTBOX,
+        {
+            "notification_id": notification_id,
+            "event_id": event_id,
+            "request_id": request_id,
+            "sequence": sequence,
+            "position": position,
+            "department": department,
+            "role": role,
+            "type": type,
+            "subject": subject,
+            "body": body,
+            "text": text,
+            "created_at": created_at,
+            "delivery": delivery,
+        },
+    )
 
 
 class PreferenceRow(Base):
@@ -221,12 +280,20 @@ async def create_schema(engine: AsyncEngine, *, migrate: bool = True) -> None:
 
 
 class Database:
-    """The engine plus a session factory; one per service process."""
+    """The engine plus a session factory; one per service process.
+
+    On SQLite, transactions are serialised within the process, as routing's are. The event consumer, the
+    webhook worker's many attempts, the digest worker and the API write concurrently, and SQLite refuses a
+    transaction that read before another one committed and then writes ("database is locked" at once: its
+    snapshot is stale, waiting cannot help). Seen as a batch falling back to one message at a time and a
+    webhook attempt's result lost, its delivery retried only when its lease ran out. PostgreSQL needs no such
+    lock (row locks and the sequence guard)."""
 
     def __init__(self, url: str) -> None:
         self.engine = make_engine(url)
         self.sessions = async_sessionmaker(self.engine, expire_on_commit=False)
         self.is_postgres = self.engine.dialect.name == "postgresql"
+        self._lock = asyncio.Lock() if self.engine.dialect.name == "sqlite" else None
 
     async def start(self, *, migrate: bool = True) -> None:
         await create_schema(self.engine, migrate=migrate)
@@ -236,9 +303,14 @@ class Database:
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[AsyncSession]:
-        """A write transaction; on SQLite its statements run on the event loop (libs/contracts/database.py)."""
+        """A write transaction; on SQLite one at a time in this process, its statements on the event loop
+        (libs/contracts/database.py)."""
         with inline_statements():
-            async with self.sessions() as session, session.begin():
+            if self._lock is None:
+                async with self.sessions() as session, session.begin():
+                    yield session
+                return
+            async with self._lock, self.sessions() as session, session.begin():
                 yield session
 
     async def ping(self) -> bool:

@@ -46,6 +46,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from libs.contracts import DeadLetter, LifecycleEvent, dumps, error_list, parse_event
 from libs.contracts import tracing as telemetry
+from libs.contracts.database import PendingInserts
 from libs.contracts.dlq import TERM_DEAD_LETTERED, term_with_reason, wait_out_transient
 from libs.contracts.failpoint import Failpoint
 from libs.contracts.notifications import FieldError
@@ -197,6 +198,7 @@ class _BatchCache:
         self.unpublished = unpublished
         self.prefs = prefs
         self.hooks = hooks
+        self.writes = PendingInserts()  # the batch's new rows, inserted by ``save``
 
     @classmethod
     async def read(cls, session: AsyncSession, msgs: Sequence[Inbound], *, for_update: bool) -> _BatchCache:
@@ -231,6 +233,7 @@ class _BatchCache:
         return [r for r in self.unpublished.get(request_id, []) if r.sequence < sequence]
 
     async def save(self, session: AsyncSession) -> None:
+        await self.writes.write(session)
         await db.save_projections(
             session, [(self.rows.get(rid), self.current[rid], now) for rid, now in self.changed.items()]
         )
@@ -381,6 +384,8 @@ class NotifierProcessor:
         else:
             processed = await db.find_processed(session, event.event_id) is not None
         if processed:
+            if cache is not None:  # applied earlier in this batch: its rows must be visible to the reads below
+                await cache.writes.write(session)
             earlier = await db.unpublished_before(session, event.request_id, event.sequence)
             rows = [*earlier, *await db.event_outbox(session, event.event_id)]
             return _Applied([_pending(r) for r in rows if r.immediate and r.published_at is None], replay=True)
@@ -410,14 +415,14 @@ class NotifierProcessor:
             cache.processed.add(event.event_id)
         else:
             await db.save_projection(session, row, planned.projection, now)
-        session.add(
-            db.ProcessedEventRow(
-                event_id=event.event_id,
-                request_id=event.request_id,
-                sequence=event.sequence,
-                type=event.type,
-                processed_at=now,
-            )
+        writes = cache.writes if cache is not None else PendingInserts()
+        db.add_processed(
+            writes,
+            event_id=event.event_id,
+            request_id=event.request_id,
+            sequence=event.sequence,
+            type=event.type,
+            processed_at=now,
         )
         # An earlier event's notifications whose publish failed (its redelivery is pending) go out first,
         # so that every department's stream stays in sequence order; the copies are deduplicated. In a batch
@@ -438,22 +443,21 @@ class NotifierProcessor:
             subject = notify_subject(notification.department, notification.type)
             body = dumps(notification)
             delivery = delivery_for(prefs.get(notification.department), notification.type)
-            session.add(
-                db.OutboxRow(
-                    notification_id=notification.notification_id,
-                    event_id=event.event_id,
-                    request_id=event.request_id,
-                    sequence=event.sequence,
-                    position=position,
-                    department=notification.department,
-                    role=notification.role.value,
-                    type=notification.type,
-                    subject=subject,
-                    body=body.decode(),
-                    text=notification.text,
-                    created_at=now,
-                    delivery=delivery.value,
-                )
+            db.add_notification(
+                writes,
+                notification_id=notification.notification_id,
+                event_id=event.event_id,
+                request_id=event.request_id,
+                sequence=event.sequence,
+                position=position,
+                department=notification.department,
+                role=notification.role.value,
+                type=notification.type,
+                subject=subject,
+                body=body.decode(),
+                text=notification.text,
+                created_at=now,
+                delivery=delivery.value,
             )
             counted.append((notification.type, notification.role.value))
             if delivery is not Delivery.IMMEDIATE:
@@ -471,6 +475,7 @@ class NotifierProcessor:
                 now=now,
             )
         if cache is None:
+            await writes.write(session)
             await session.flush()
         return _Applied(pending, replay=False, counted=counted, queued=queued)
 

@@ -232,8 +232,14 @@ async def test_a_dead_endpoint_is_dead_lettered_while_other_departments_keep_rec
                 f"not dead-lettered in time: { {d: len(v) for d, v in by_dept.items()} }"
             )
             await asyncio.sleep(0.1)
-        assert all(f["attempts"] >= 3 and f["last_status"] == 500 for f in by_dept["finance"])
+        assert all(f["last_status"] == 500 for f in by_dept["finance"])
         assert all("Timeout" in (f["last_error"] or "") for f in by_dept["legal"])
+        # Given up only once the retry window (1.5 s) had passed; how many attempts fit in it depends on how
+        # long each waited for its turn (legal's timeouts share the machine), so only retrying is asserted.
+        for failed_delivery in by_dept["finance"] + by_dept["legal"]:
+            given_up = datetime.fromisoformat(failed_delivery["dead_at"])
+            assert (given_up - datetime.fromisoformat(failed_delivery["queued_at"])).total_seconds() >= 1.5
+        assert max(f["attempts"] for f in by_dept["finance"]) >= 3
         # a department sees only its own failures; IT has none
         assert (await api("it").get("/v1/webhooks/failed")).json() == []
         own = (await api("finance").get("/v1/webhooks/failed")).json()
