@@ -10,6 +10,7 @@ proved against a real server in tests/integration/test_notifier_nats.py.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -352,3 +353,20 @@ async def test_events_that_can_never_apply_are_dead_lettered(
 
 
 # --- the nats-py / FastStream timeout workaround ------------------------------------------------------
+
+
+async def test_a_batch_holding_an_event_twice_republishes_what_its_first_copy_stored(
+    processor: NotifierProcessor,
+) -> None:
+    """A batch's new rows are inserted at its end, not as ORM objects the session flushes by itself
+    (``PendingInserts``): the second copy of an event in the same batch must still find the notifications its
+    first copy stored, so they are written before it looks."""
+    fake = fake_of(processor)
+    created, routed = lifecycle("REQ-TWICE001")[:2]
+    batch = [inbound(created, 1), inbound(routed, 2), inbound(created, 3)]
+    first, _routed, second = await processor.process_batch(batch, lambda _msg: nullcontext())
+    assert first.outcome is Outcome.APPLIED
+    assert (second.outcome, second.published) == (Outcome.REPUBLISHED, first.published)
+    assert first.published > 0
+    ids = [sent.msg_id for sent in fake.sent]
+    assert len(ids) == len(set(ids))  # the batch's copies are published once
