@@ -24,8 +24,8 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.orm.attributes import flag_modified
 
 from libs import migrations as schema
-from libs.contracts import Envelope, Priority, dumps
-from libs.contracts.database import inline_statements, make_engine
+from libs.contracts import Envelope, Priority, Routed, dumps
+from libs.contracts.database import PendingInserts, inline_statements, make_engine
 from libs.contracts.events import DelayReasonCode, SlaClock
 
 from .migrations import migrations
@@ -222,6 +222,37 @@ async def decision_for(session: AsyncSession, caused_by: str) -> DecisionRow | N
 async def decisions_of(session: AsyncSession, request_id: str) -> Sequence[DecisionRow]:
     stmt = select(DecisionRow).where(DecisionRow.request_id == request_id).order_by(DecisionRow.decided_at)
     return (await session.execute(stmt)).scalars().all()
+
+
+_PROCESSED = Base.metadata.tables[ProcessedEventRow.__tablename__]
+_DECISIONS = Base.metadata.tables[DecisionRow.__tablename__]
+
+
+def add_processed(writes: PendingInserts, *, event_id: str, request_id: str, event_type: str, at: datetime) -> None:
+    """Record a canonical event routing acted on (a ``ProcessedEventRow``), with the transaction's new rows."""
+    writes.add(
+        _PROCESSED, {"event_id": event_id, "request_id": request_id, "event_type": event_type, "processed_at": at}
+    )
+
+
+def add_decision(writes: PendingInserts, routed: Routed) -> None:
+    """Record a routing decision and its exact ``routed`` event (a ``DecisionRow``), with the transaction's new
+    rows."""
+    writes.add(
+        _DECISIONS,
+        {
+            "event_id": routed.event_id,
+            "caused_by": routed.caused_by,
+            "request_id": routed.request_id,
+            "provider_department": routed.provider_department,
+            "rule": routed.rule,
+            "reason": routed.reason,
+            "accept_by": routed.accept_by,
+            "resolve_by": routed.resolve_by,
+            "routed": dumps(routed).decode(),
+            "decided_at": routed.occurred_at,
+        },
+    )
 
 
 # --- the outbox ---------------------------------------------------------------------------------

@@ -65,6 +65,7 @@ from libs.contracts import (
     parse_event,
 )
 from libs.contracts import tracing as telemetry
+from libs.contracts.database import PendingInserts
 from libs.contracts.dlq import TERM_DEAD_LETTERED, term_with_reason, wait_out_transient
 from libs.contracts.envelope import ID_RE, RequestId, Slug, StrictModel, Timestamp
 from libs.contracts.events import SlaClock
@@ -337,6 +338,7 @@ class RoutingProcessor:
             for msg in msgs:
                 with span(msg):
                     decisions.append(await self._decide(session, msg, cache))
+            await cache.writes.write(session)
         await self._after_commit(decisions)
         return [d.outcome for d in decisions]
 
@@ -432,32 +434,17 @@ class RoutingProcessor:
         if outcome is Outcome.ROUTED and stored.request is not None:
             stored.request.trace_parent = telemetry.current_traceparent()
         rows = db.add_outbox(session, emits, event.event_id, ctx.now)
+        writes = cache.writes if cache is not None else PendingInserts()
         for emitted in emits:
             if isinstance(emitted, Routed):
-                session.add(
-                    db.DecisionRow(
-                        event_id=emitted.event_id,
-                        caused_by=emitted.caused_by,
-                        request_id=emitted.request_id,
-                        provider_department=emitted.provider_department,
-                        rule=emitted.rule,
-                        reason=emitted.reason,
-                        accept_by=emitted.accept_by,
-                        resolve_by=emitted.resolve_by,
-                        routed=dumps(emitted).decode(),
-                        decided_at=emitted.occurred_at,
-                    )
-                )
+                db.add_decision(writes, emitted)
         if cache is not None:
             cache.processed.add(event.event_id)
-        session.add(
-            db.ProcessedEventRow(
-                event_id=event.event_id,
-                request_id=event.request_id,
-                event_type=event.type,
-                processed_at=ctx.now,
-            )
+        db.add_processed(
+            writes, event_id=event.event_id, request_id=event.request_id, event_type=event.type, at=ctx.now
         )
+        if cache is None:
+            await writes.write(session)
         return rows, outcome
 
     async def _publish_rows(self, rows: Sequence[db.OutboxRow]) -> None:
@@ -689,6 +676,7 @@ class _TrackCache:
     def __init__(self, processed: set[str], stored: dict[str, db.Stored]) -> None:
         self.processed = processed
         self.stored = stored
+        self.writes = PendingInserts()  # the batch's processed events and decisions, inserted before its commit
 
     @classmethod
     async def read(cls, session: AsyncSession, msgs: Sequence[Inbound], *, lock: bool) -> _TrackCache:
