@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Collection, Sequence
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, overload
 
@@ -16,7 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from libs import migrations as schema
-from libs.contracts.database import inline_statements, make_engine, update_guarded
+from libs.contracts.database import PendingInserts, inline_statements, make_engine, update_guarded
 
 from .domain import RequestState, State
 from .migrations import migrations
@@ -81,6 +82,39 @@ class EventRow(Base):
     payload_hash: Mapped[str] = mapped_column(String(64))
     canonical: Mapped[str] = mapped_column(Text)
     recorded_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+_EVENTS = Base.metadata.tables[EventRow.__tablename__]
+
+
+@dataclass(frozen=True)
+class NewEvent:
+    """An event appended in this transaction and inserted with its other new rows (``add_event``): what a later
+    message of the same batch needs to know about it (its duplicate is answered from it)."""
+
+    event_id: str
+    request_id: str
+    sequence: int
+    type: str
+    payload_hash: str
+    canonical: str
+    recorded_at: datetime
+
+
+def add_event(writes: PendingInserts, event: NewEvent) -> None:
+    """Append ``event`` (an ``EventRow``) with the transaction's other new rows."""
+    writes.add(
+        _EVENTS,
+        {
+            "event_id": event.event_id,
+            "request_id": event.request_id,
+            "sequence": event.sequence,
+            "type": event.type,
+            "payload_hash": event.payload_hash,
+            "canonical": event.canonical,
+            "recorded_at": event.recorded_at,
+        },
+    )
 
 
 class RejectionRow(Base):

@@ -39,6 +39,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from libs.contracts import DeadLetter, LifecycleEvent, Rejection, dumps
 from libs.contracts import tracing as telemetry
+from libs.contracts.database import PendingInserts
 from libs.contracts.dlq import TERM_DEAD_LETTERED, term_with_reason
 from libs.contracts.envelope import ID_RE
 from libs.contracts.failpoint import Failpoint
@@ -98,8 +99,9 @@ class _BatchCache:
     """
 
     def __init__(self, events: dict[str, db.EventRow], rows: dict[str, db.RequestRow]) -> None:
-        self.events = events
+        self.events: dict[str, db.EventRow | db.NewEvent] = dict(events)
         self.rows = rows
+        self.writes = PendingInserts()  # the batch's appended events, inserted by ``save``
         self.states: dict[str, RequestState] = {rid: row.to_state() for rid, row in rows.items()}
         self.trace_parents: dict[str, str | None] = {rid: row.trace_parent for rid, row in rows.items()}
         self.changed: dict[str, datetime] = {}
@@ -131,6 +133,7 @@ class _BatchCache:
         self.changed[state.request_id] = now
 
     async def save(self, session: AsyncSession) -> None:
+        await self.writes.write(session)
         changes = []
         for request_id, now in self.changed.items():
             row = self.rows.get(request_id)
@@ -192,7 +195,7 @@ class Appended:
     duplicate: bool
 
     @classmethod
-    def of(cls, row: db.EventRow, *, duplicate: bool) -> Appended:
+    def of(cls, row: db.EventRow | db.NewEvent, *, duplicate: bool) -> Appended:
         return cls(row.event_id, row.request_id, row.type, row.sequence, row.canonical, duplicate)
 
 
@@ -243,7 +246,7 @@ class IntakeProcessor:
             cache = await _BatchCache.read(session, msgs, for_update=self.db.is_postgres)
             for msg in msgs:
                 with span(msg, cache.anchor(msg.data)):
-                    decisions.append(await self._decide_in(session, msg, cache))
+                    decisions.append(self._decide_in(msg, cache))
             await cache.save(session)
             if not active():
                 raise LeaseLost("the consumer lease was lost while the batch was decided; rolled back")
@@ -256,15 +259,15 @@ class IntakeProcessor:
                 await self._reject(msg, *refused)
         return [outcome for outcome, _out, _r in decisions]
 
-    async def _decide_in(
-        self, session: AsyncSession, msg: Inbound, cache: _BatchCache
+    def _decide_in(
+        self, msg: Inbound, cache: _BatchCache
     ) -> tuple[Outcome, Outgoing | None, tuple[Refusal, Checked | Rejected] | None]:
         """One message inside the batch transaction: its outcome, the canonical event to publish, or the
         refusal to record once the batch committed."""
         checked = check_inbound(msg.subject, msg.data)
         if isinstance(checked, Rejected):
             return Outcome.REJECTED, None, (checked.refusal, checked)
-        result = self._apply_cached(session, checked, cache)
+        result = self._apply_cached(checked, cache)
         if isinstance(result, Refusal):
             return Outcome.REJECTED, None, (result, checked)
         out = Outgoing(
@@ -340,7 +343,7 @@ class IntakeProcessor:
             session.add(db.PendingPublish(event_id=row.event_id, created_at=row.recorded_at))
         return Appended.of(row, duplicate=False)
 
-    def _apply_cached(self, session: AsyncSession, checked: Checked, cache: _BatchCache) -> Appended | Refusal:
+    def _apply_cached(self, checked: Checked, cache: _BatchCache) -> Appended | Refusal:
         """:meth:`_apply_in` for a batch: the events and requests were read once for the whole batch
         (``cache``); the request rows are written once per request by :meth:`_BatchCache.save`."""
         event = checked.event
@@ -364,7 +367,7 @@ class IntakeProcessor:
         if current is None:
             cache.trace_parents[event.request_id] = telemetry.current_traceparent()
         cache.advance(new_state, now)
-        event_row = db.EventRow(
+        appended = db.NewEvent(
             event_id=event.event_id,
             request_id=event.request_id,
             sequence=new_state.last_sequence,
@@ -373,9 +376,9 @@ class IntakeProcessor:
             canonical=dumps(canonical).decode(),
             recorded_at=now,
         )
-        session.add(event_row)
-        cache.events[event.event_id] = event_row
-        return Appended.of(event_row, duplicate=False)
+        db.add_event(cache.writes, appended)
+        cache.events[event.event_id] = appended
+        return Appended.of(appended, duplicate=False)
 
     async def _publish_canonical(self, event_id: str, request_id: str, event_type: str, canonical: str) -> None:
         await self.publish(
