@@ -12,19 +12,25 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import orjson
 import pytest
 from sqlalchemy import event, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from baton.demo import envelope
 from libs.contracts.envelope import Actor
 from libs.contracts.events import Priority, Routed, SlaClock
+from libs.contracts.subjects import inbound_subject
 from services.intake import db as intake_db
 from services.intake.domain import RequestState, State
+from services.intake.handlers import Inbound as IntakeInbound
+from services.intake.handlers import IntakeProcessor
+from services.intake.handlers import Outcome as IntakeOutcome
 from services.notifier import db as notifier_db
 from services.notifier.domain import Projection
 from services.routing import db as routing_db
@@ -300,5 +306,42 @@ async def test_routing_inserts_a_batch_of_emitted_events_in_one_statement_in_emi
         assert [row.event_id for row in sorted(stored, key=lambda row: row.id)] == [e.event_id for e in emitted]
         assert by_cause == [e.event_id for n, e in enumerate(emitted) if n % 2 == 1]
         assert of_request == [e.event_id for e in emitted if e.request_id == IDS[1]]
+    finally:
+        await database.close()
+
+
+async def test_intake_answers_a_duplicate_later_in_the_batch_from_the_event_it_appended(
+    make_database_url: MakeDatabaseUrl,
+) -> None:
+    """A batch's appended events are inserted at its end (``PendingInserts``): a second copy of an event later
+    in the same batch is a duplicate with the first copy's canonical bytes, and another payload under the same
+    event_id is refused, without either reaching the database twice."""
+    database = intake_db.Database(make_database_url("intake_duplicates"))
+    await database.start()
+    sent: list[tuple[str, bytes, str]] = []
+
+    async def publish(subject: str, body: bytes, *, msg_id: str, stream: str) -> None:
+        sent.append((subject, body, msg_id))
+
+    processor = IntakeProcessor(database, publish)
+    created = envelope("created", "REQ-DUPLICATE1", "finance", person="Ana") | {
+        "title": "Laptop",
+        "category": "hardware",
+        "priority": "normal",
+        "requester": {"department": "finance", "person": "Ana"},
+    }
+    conflicting = created | {"title": "Another laptop"}
+    batch = [
+        IntakeInbound(inbound_subject("finance", "created"), orjson.dumps(doc), {}, seq, 1)
+        for seq, doc in enumerate([created, created, conflicting], start=1)
+    ]
+    try:
+        outcomes = await processor.process_batch(batch, lambda _msg, _anchor: nullcontext())
+        assert outcomes == [IntakeOutcome.APPLIED, IntakeOutcome.DUPLICATE, IntakeOutcome.REJECTED]
+        canonical = [body for subject, body, _ in sent if subject.startswith("baton.events.")]
+        assert len(canonical) == 1  # the duplicate's copy is the same message (same Nats-Msg-Id), sent once
+        async with database.transaction() as session:
+            stored = (await session.execute(select(intake_db.EventRow))).scalars().all()
+        assert [(row.event_id, row.canonical.encode()) for row in stored] == [(created["event_id"], canonical[0])]
     finally:
         await database.close()
