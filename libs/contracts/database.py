@@ -21,21 +21,28 @@ of small statements on indexed keys. It keeps in the thread:
 
 Statements of one connection never overlap (SQLAlchemy awaits each one), so the loop and the worker thread
 never use the sqlite3 connection at the same time. PostgreSQL (asyncpg) has no thread and is unchanged.
+
+``write_transaction`` is every service's ``Database.transaction()``. On SQLite it also takes the process's
+``write_lock``, one write transaction at a time: each service writes from several tasks at once (its
+consumer, workers, timers and API), and a statement that met another transaction's write lock would wait for
+it in the thread while the writers on the loop kept taking the lock first, until its busy timeout ran out
+("database is locked" after 30 s; tests/integration/test_sqlite_writers.py).
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import sqlite3
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager, nullcontext
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import aiosqlite
 from sqlalchemy import Table, bindparam, event, insert, make_url, update
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 
 #: How long a statement in the worker thread waits for another process's lock before "database is locked".
 BUSY_TIMEOUT_MS = 30_000
@@ -54,6 +61,22 @@ def inline_statements() -> Iterator[None]:
         yield
     finally:
         _INLINE.reset(token)
+
+
+def write_lock(engine: AsyncEngine) -> asyncio.Lock | None:
+    """The lock a process's write transactions take one at a time on SQLite (see module doc); None elsewhere."""
+    return asyncio.Lock() if engine.dialect.name == "sqlite" else None
+
+
+@asynccontextmanager
+async def write_transaction(
+    sessions: async_sessionmaker[AsyncSession], lock: asyncio.Lock | None
+) -> AsyncIterator[AsyncSession]:
+    """A write transaction (a service's ``Database.transaction()``): on SQLite one at a time in the process,
+    holding ``lock`` (``write_lock``), its statements on the event loop (``inline_statements``)."""
+    with inline_statements():
+        async with lock or nullcontext(), sessions() as session, session.begin():
+            yield session
 
 
 def _is_busy(exc: sqlite3.OperationalError) -> bool:
@@ -170,9 +193,6 @@ class PendingInserts:
 
     def add(self, table: Table, values: dict[str, Any]) -> None:
         self._rows.setdefault(table, []).append(values)
-
-    def __len__(self) -> int:
-        return sum(len(rows) for rows in self._rows.values())
 
     async def write(self, session: AsyncSession) -> None:
         pending, self._rows = self._rows, {}

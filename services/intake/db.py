@@ -5,7 +5,6 @@ SQLAlchemy 2 (async). SQLite is the embedded default, PostgreSQL the production 
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator, Collection, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -17,7 +16,13 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from libs import migrations as schema
-from libs.contracts.database import PendingInserts, inline_statements, make_engine, update_guarded
+from libs.contracts.database import (
+    PendingInserts,
+    make_engine,
+    update_guarded,
+    write_lock,
+    write_transaction,
+)
 
 from .domain import RequestState, State
 from .migrations import migrations
@@ -168,18 +173,14 @@ async def create_schema(engine: AsyncEngine, *, migrate: bool = True) -> None:
 
 
 class Database:
-    """The engine plus a session factory; one per service process.
-
-    On SQLite, write transactions are serialised within the process (as the notifier's and routing's are): a
-    statement that meets another transaction's write lock on the event loop waits for it in aiosqlite's
-    thread, and the writers on the loop would keep taking the lock first (tests/integration/test_sqlite_writers.py).
-    """
+    """The engine plus a session factory; one per service process. On SQLite its write transactions take the
+    process's ``write_lock``, one at a time (libs/contracts/database.py)."""
 
     def __init__(self, url: str) -> None:
         self.engine = make_engine(url)
         self.sessions = async_sessionmaker(self.engine, expire_on_commit=False)
         self.is_postgres = self.engine.dialect.name == "postgresql"
-        self._lock = asyncio.Lock() if self.engine.dialect.name == "sqlite" else None
+        self._lock = write_lock(self.engine)
 
     async def start(self, *, migrate: bool = True) -> None:
         await create_schema(self.engine, migrate=migrate)
@@ -189,15 +190,10 @@ class Database:
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[AsyncSession]:
-        """A write transaction; on SQLite one at a time in this process, its statements on the event loop
-        (libs/contracts/database.py)."""
-        with inline_statements():
-            if self._lock is None:
-                async with self.sessions() as session, session.begin():
-                    yield session
-                return
-            async with self._lock, self.sessions() as session, session.begin():
-                yield session
+        """A write transaction: on SQLite one at a time in this process, its statements on the event loop
+        (``write_transaction`` in libs/contracts/database.py)."""
+        async with write_transaction(self.sessions, self._lock) as session:
+            yield session
 
     async def ping(self) -> bool:
         async with self.engine.connect() as conn:

@@ -10,7 +10,6 @@ the same transaction, so it never depends on the order in which the events arriv
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
@@ -40,7 +39,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from libs import migrations as schema
 from libs.contracts import parse_event
-from libs.contracts.database import inline_statements, make_engine
+from libs.contracts.database import make_engine, write_lock, write_transaction
 from libs.contracts.notifications import Role
 
 from .domain import Canonical
@@ -124,18 +123,14 @@ async def create_schema(engine: AsyncEngine, *, migrate: bool = True) -> None:
 
 
 class Database:
-    """The engine plus a session factory; one per service process.
-
-    On SQLite, write transactions are serialised within the process (as the notifier's and routing's are): a
-    statement that meets another transaction's write lock on the event loop waits for it in aiosqlite's
-    thread, and the writers on the loop would keep taking the lock first (tests/integration/test_sqlite_writers.py).
-    """
+    """The engine plus a session factory; one per service process. On SQLite its write transactions take the
+    process's ``write_lock``, one at a time (libs/contracts/database.py)."""
 
     def __init__(self, url: str) -> None:
         self.engine = make_engine(url)
         self.sessions = async_sessionmaker(self.engine, expire_on_commit=False)
         self.dialect = self.engine.dialect.name
-        self._lock = asyncio.Lock() if self.engine.dialect.name == "sqlite" else None
+        self._lock = write_lock(self.engine)
 
     async def start(self, *, migrate: bool = True) -> None:
         await create_schema(self.engine, migrate=migrate)
@@ -145,15 +140,10 @@ class Database:
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[AsyncSession]:
-        """A write transaction; on SQLite one at a time in this process, its statements on the event loop
-        (libs/contracts/database.py)."""
-        with inline_statements():
-            if self._lock is None:
-                async with self.sessions() as session, session.begin():
-                    yield session
-                return
-            async with self._lock, self.sessions() as session, session.begin():
-                yield session
+        """A write transaction: on SQLite one at a time in this process, its statements on the event loop
+        (``write_transaction`` in libs/contracts/database.py)."""
+        async with write_transaction(self.sessions, self._lock) as session:
+            yield session
 
     @asynccontextmanager
     async def reading(self) -> AsyncIterator[AsyncSession]:

@@ -10,7 +10,6 @@ Alembic migrations in ``services/notifier/migrations`` (:func:`create_schema`).
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator, Collection, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
@@ -35,7 +34,13 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from libs import migrations as schema
-from libs.contracts.database import PendingInserts, inline_statements, make_engine, update_guarded
+from libs.contracts.database import (
+    PendingInserts,
+    make_engine,
+    update_guarded,
+    write_lock,
+    write_transaction,
+)
 
 from .domain import Delivery, Projection
 from .migrations import migrations
@@ -280,20 +285,14 @@ async def create_schema(engine: AsyncEngine, *, migrate: bool = True) -> None:
 
 
 class Database:
-    """The engine plus a session factory; one per service process.
-
-    On SQLite, transactions are serialised within the process, as routing's are. The event consumer, the
-    webhook worker's many attempts, the digest worker and the API write concurrently, and SQLite refuses a
-    transaction that read before another one committed and then writes ("database is locked" at once: its
-    snapshot is stale, waiting cannot help). Seen as a batch falling back to one message at a time and a
-    webhook attempt's result lost, its delivery retried only when its lease ran out. PostgreSQL needs no such
-    lock (row locks and the sequence guard)."""
+    """The engine plus a session factory; one per service process. On SQLite its write transactions take the
+    process's ``write_lock``, one at a time (libs/contracts/database.py)."""
 
     def __init__(self, url: str) -> None:
         self.engine = make_engine(url)
         self.sessions = async_sessionmaker(self.engine, expire_on_commit=False)
         self.is_postgres = self.engine.dialect.name == "postgresql"
-        self._lock = asyncio.Lock() if self.engine.dialect.name == "sqlite" else None
+        self._lock = write_lock(self.engine)
 
     async def start(self, *, migrate: bool = True) -> None:
         await create_schema(self.engine, migrate=migrate)
@@ -303,15 +302,10 @@ class Database:
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[AsyncSession]:
-        """A write transaction; on SQLite one at a time in this process, its statements on the event loop
-        (libs/contracts/database.py)."""
-        with inline_statements():
-            if self._lock is None:
-                async with self.sessions() as session, session.begin():
-                    yield session
-                return
-            async with self._lock, self.sessions() as session, session.begin():
-                yield session
+        """A write transaction: on SQLite one at a time in this process, its statements on the event loop
+        (``write_transaction`` in libs/contracts/database.py)."""
+        async with write_transaction(self.sessions, self._lock) as session:
+            yield session
 
     async def ping(self) -> bool:
         async with self.engine.connect() as conn:

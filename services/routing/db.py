@@ -11,7 +11,6 @@ instead of building a new event. A clock row also records the timers it wants ar
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator, Collection, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
@@ -25,7 +24,7 @@ from sqlalchemy.orm.attributes import flag_modified
 
 from libs import migrations as schema
 from libs.contracts import Envelope, Priority, Routed, dumps
-from libs.contracts.database import PendingInserts, inline_statements, make_engine
+from libs.contracts.database import PendingInserts, make_engine, write_lock, write_transaction
 from libs.contracts.events import DelayReasonCode, SlaClock
 
 from .migrations import migrations
@@ -167,19 +166,14 @@ def _dt(value: Any) -> datetime | None:
 
 
 class Database:
-    """The engine plus a session factory; one per service process.
-
-    On SQLite, transactions are serialised within the process (the event consumer, the timer
-    consumer and the reconciler write concurrently; SQLite would otherwise refuse one of two
-    transactions that both upgrade to a write lock). PostgreSQL serialises per request with
-    ``SELECT ... FOR UPDATE`` instead.
-    """
+    """The engine plus a session factory; one per service process. On SQLite its write transactions take the
+    process's ``write_lock``, one at a time (libs/contracts/database.py); PostgreSQL serialises per request with
+    ``SELECT ... FOR UPDATE`` instead."""
 
     def __init__(self, url: str) -> None:
         self.engine = make_engine(url)
         self.sessions = async_sessionmaker(self.engine, expire_on_commit=False)
-        self.is_sqlite = self.engine.dialect.name == "sqlite"
-        self._lock = asyncio.Lock() if self.is_sqlite else None
+        self._lock = write_lock(self.engine)
 
     async def start(self, *, migrate: bool = True) -> None:
         """Migrate the database to head (services/routing/migrations), or with ``migrate=False`` only
@@ -194,14 +188,10 @@ class Database:
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[AsyncSession]:
-        """A write transaction; on SQLite its statements run on the event loop (libs/contracts/database.py)."""
-        with inline_statements():
-            if self._lock is None:
-                async with self.sessions() as session, session.begin():
-                    yield session
-                return
-            async with self._lock, self.sessions() as session, session.begin():
-                yield session
+        """A write transaction: on SQLite one at a time in this process, its statements on the event loop
+        (``write_transaction`` in libs/contracts/database.py)."""
+        async with write_transaction(self.sessions, self._lock) as session:
+            yield session
 
     async def ping(self) -> bool:
         async with self.engine.connect() as conn:
